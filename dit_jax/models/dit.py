@@ -1,0 +1,409 @@
+"""DiT (Peebles & Xie, "Scalable Diffusion Models with Transformers") in Flax NNX.
+
+The same function as the official PyTorch release (facebookresearch/DiT, `models.py`), to float32
+rounding, in channels-last layout: images are (N, H, W, C) in and out. See ../shared/SPEC.md §1.
+
+Every parameter carries logical axis names (`out_sharding` metadata, e.g. ("embed", "mlp")); the
+mapping of those names to mesh axes lives in `dit_jax.sharding`, so this file knows nothing of
+meshes. Parameters are created without a mesh (`eager_sharding=False`) and placed by the caller.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+# The twelve official configurations (names exactly as the official `DiT_models` dict).
+_SIZES = {
+    "XL": dict(depth=28, hidden_size=1152, num_heads=16),
+    "L": dict(depth=24, hidden_size=1024, num_heads=16),
+    "B": dict(depth=12, hidden_size=768, num_heads=12),
+    "S": dict(depth=12, hidden_size=384, num_heads=6),
+}
+DIT_CONFIGS: dict[str, dict[str, int]] = {
+    f"DiT-{size}/{patch}": dict(_SIZES[size], patch_size=patch)
+    for size in _SIZES
+    for patch in (2, 4, 8)
+}
+
+# Numerics of the two PyTorch implementations. The official model is the default; the diffusers
+# port (`DiTTransformer2DModel`) divides its timestep frequencies by (half - 1) instead of half and
+# uses eps 1e-5 in the LayerNorm before each MLP, so diffusers weights run with "diffusers".
+NUMERICS = {
+    "official": dict(timestep_freq_shift=0.0, mlp_norm_eps=1e-6),
+    "diffusers": dict(timestep_freq_shift=1.0, mlp_norm_eps=1e-5),
+}
+
+TIMESTEP_FREQ_DIM = 256
+NORM_EPS = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+    """Hyper-parameters of one DiT. `input_size` is the side of the model's input (the latent side,
+    image_size // 8, for latent models), an int or (height, width)."""
+
+    input_size: int | tuple[int, int] = 32
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    class_dropout_prob: float = 0.1
+    # 0 means unconditional: no label embedding at all and `y` is ignored.
+    num_classes: int = 1000
+    learn_sigma: bool = True
+    numerics: str = "official"
+    dtype: Any = jnp.float32  # compute dtype of the attention and MLP matmuls
+    attention_impl: str = "xla"  # "xla" or "cudnn" (flash attention on NVIDIA GPUs)
+    remat: bool = False  # rematerialise each block in the backward pass
+    scan_blocks: bool = False  # one stacked block scanned `depth` times (faster compiles)
+
+    def __post_init__(self):
+        size = self.input_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"input_size {size} is not divisible by patch_size {self.patch_size}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.hidden_size % 4:
+            raise ValueError("hidden_size must be divisible by 4 for the 2-D sin-cos embedding")
+        if self.numerics not in NUMERICS:
+            raise ValueError(f"numerics must be one of {sorted(NUMERICS)}, got {self.numerics!r}")
+        if self.attention_impl not in ("xla", "cudnn"):
+            raise ValueError(f"attention_impl must be 'xla' or 'cudnn', got {self.attention_impl!r}")
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        size = self.input_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        return height // self.patch_size, width // self.patch_size
+
+    @property
+    def out_channels(self) -> int:
+        return 2 * self.in_channels if self.learn_sigma else self.in_channels
+
+
+# --------------------------------------------------------------------------------------------
+# Fixed embeddings (float64 NumPy where the official code uses NumPy)
+# --------------------------------------------------------------------------------------------
+
+
+def sincos_1d(embed_dim: int, positions: np.ndarray) -> np.ndarray:
+    """[sin(pos·ω), cos(pos·ω)] with ω_i = 1 / 10000^(i / (embed_dim/2)), in float64."""
+    omega = 1.0 / 10000 ** (np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0))
+    out = np.outer(positions.reshape(-1).astype(np.float64), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def sincos_2d(embed_dim: int, grid_size: tuple[int, int]) -> np.ndarray:
+    """The MAE 2-D sin-cos table, (h·w, embed_dim), float64, row-major over the token grid.
+
+    The official code builds the grid as meshgrid(grid_w, grid_h), so the FIRST half of the
+    channels encodes the column (w) coordinate and the second half the row (h) coordinate.
+    """
+    grid_h, grid_w = grid_size
+    cols, rows = np.meshgrid(np.arange(grid_w, dtype=np.float64), np.arange(grid_h, dtype=np.float64))
+    return np.concatenate(
+        [sincos_1d(embed_dim // 2, cols), sincos_1d(embed_dim // 2, rows)], axis=1)
+
+
+def timestep_frequencies(t: jax.Array, dim: int = TIMESTEP_FREQ_DIM, *, freq_shift: float = 0.0,
+                         max_period: float = 10000.0) -> jax.Array:
+    """[cos(t·f), sin(t·f)] (cos first, as released), f_i = exp(-ln(max_period)·i/(half - shift))."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift))
+    args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None]
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Layers
+# --------------------------------------------------------------------------------------------
+
+
+def _meta(*names):
+    # Logical axis names only: `eager_sharding=False` lets the model be built without a mesh.
+    return dict(out_sharding=names, eager_sharding=False)
+
+
+def _linear(in_features, out_features, *, rngs, names, dtype=jnp.float32,
+            kernel_init=nnx.initializers.xavier_uniform()):
+    return nnx.Linear(
+        in_features, out_features, dtype=dtype, param_dtype=jnp.float32,
+        kernel_init=kernel_init, bias_init=nnx.initializers.zeros_init(), rngs=rngs,
+        kernel_metadata=_meta(*names), bias_metadata=_meta(names[1]))
+
+
+def layer_norm(x: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm without learned scale or bias, computed in float32."""
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class TimestepEmbedder(nnx.Module):
+    def __init__(self, hidden_size: int, *, freq_shift: float, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(0.02)
+        self.freq_shift = freq_shift
+        self.linear_1 = _linear(TIMESTEP_FREQ_DIM, hidden_size, rngs=rngs, names=("freq", "embed"),
+                                kernel_init=init)
+        self.linear_2 = _linear(hidden_size, hidden_size, rngs=rngs, names=("embed_in", "embed"),
+                                kernel_init=init)
+
+    def __call__(self, t):
+        freqs = timestep_frequencies(t, freq_shift=self.freq_shift)
+        return self.linear_2(nnx.silu(self.linear_1(freqs)))
+
+
+class LabelEmbedder(nnx.Module):
+    """Class table with one extra row (index num_classes) for the null label of guidance."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float, *, rngs: nnx.Rngs):
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+        self.embedding_table = nnx.Param(
+            jax.random.normal(rngs.params(), (num_classes + 1, hidden_size), jnp.float32) * 0.02,
+            **_meta("classes", "embed"))
+
+    def drop_labels(self, labels: jax.Array, key: jax.Array) -> jax.Array:
+        drop = jax.random.uniform(key, labels.shape) < self.dropout_prob
+        return jnp.where(drop, self.num_classes, labels)
+
+    def __call__(self, labels, *, train: bool, key=None):
+        if train and self.dropout_prob > 0:
+            if key is None:
+                raise ValueError("label dropout in training needs rngs (e.g. nnx.Rngs(dropout=key))")
+            labels = self.drop_labels(labels, key)
+        return jnp.take(self.embedding_table[...], labels, axis=0)
+
+
+class Attention(nnx.Module):
+    def __init__(self, hidden_size: int, num_heads: int, *, dtype, implementation: str,
+                 rngs: nnx.Rngs):
+        self.num_heads = num_heads
+        self.implementation = implementation
+        # One (D, 3D) matrix, initialised as one matrix as released; columns [q | k | v], head-major.
+        self.qkv = _linear(hidden_size, 3 * hidden_size, rngs=rngs, names=("embed", "qkv"),
+                           dtype=dtype)
+        self.proj = _linear(hidden_size, hidden_size, rngs=rngs, names=("heads", "embed"),
+                            dtype=dtype)
+
+    def __call__(self, x):
+        batch, tokens, width = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, width // self.num_heads)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+        return self.proj(out.reshape(batch, tokens, width))
+
+
+class Mlp(nnx.Module):
+    def __init__(self, hidden_size: int, mlp_hidden: int, *, dtype, rngs: nnx.Rngs):
+        self.fc1 = _linear(hidden_size, mlp_hidden, rngs=rngs, names=("embed", "mlp"), dtype=dtype)
+        self.fc2 = _linear(mlp_hidden, hidden_size, rngs=rngs, names=("mlp", "embed"), dtype=dtype)
+
+    def __call__(self, x):
+        return self.fc2(nnx.gelu(self.fc1(x), approximate=True))
+
+
+class DiTBlock(nnx.Module):
+    """adaLN-Zero block. The residual stream, norms and modulation stay float32; only the
+    attention and MLP matmuls run in the compute dtype."""
+
+    def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        self.mlp_norm_eps = NUMERICS[cfg.numerics]["mlp_norm_eps"]
+        self.dtype = cfg.dtype
+        self.attn = Attention(d, cfg.num_heads, dtype=cfg.dtype, implementation=cfg.attention_impl,
+                              rngs=rngs)
+        self.mlp = Mlp(d, int(d * cfg.mlp_ratio), dtype=cfg.dtype, rngs=rngs)
+        self.adaLN_modulation = _linear(d, 6 * d, rngs=rngs, names=("embed", "modulation"),
+                                        kernel_init=nnx.initializers.zeros_init())
+
+    def __call__(self, x, c):
+        (shift_msa, scale_msa, gate_msa,
+         shift_mlp, scale_mlp, gate_mlp) = jnp.split(self.adaLN_modulation(nnx.silu(c)), 6, axis=-1)
+        h = modulate(layer_norm(x, NORM_EPS), shift_msa, scale_msa)
+        x = x + gate_msa[:, None] * self.attn(h.astype(self.dtype)).astype(jnp.float32)
+        h = modulate(layer_norm(x, self.mlp_norm_eps), shift_mlp, scale_mlp)
+        return x + gate_mlp[:, None] * self.mlp(h.astype(self.dtype)).astype(jnp.float32)
+
+
+class FinalLayer(nnx.Module):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, *, rngs: nnx.Rngs):
+        zeros = nnx.initializers.zeros_init()
+        self.adaLN_modulation = _linear(hidden_size, 2 * hidden_size, rngs=rngs,
+                                        names=("embed", "modulation"), kernel_init=zeros)
+        self.linear = _linear(hidden_size, patch_size * patch_size * out_channels, rngs=rngs,
+                              names=("embed", "patch_out"), kernel_init=zeros)
+
+    def __call__(self, x, c):
+        shift, scale = jnp.split(self.adaLN_modulation(nnx.silu(c)), 2, axis=-1)
+        return self.linear(modulate(layer_norm(x, NORM_EPS), shift, scale))
+
+
+def unpatchify(tokens: jax.Array, grid_size: tuple[int, int], patch_size: int) -> jax.Array:
+    """(N, h·w, p·p·C) → (N, h·p, w·p, C); each token's vector is indexed (p_row, p_col, channel)."""
+    n, _, features = tokens.shape
+    (h, w), p = grid_size, patch_size
+    c = features // (p * p)
+    x = tokens.reshape(n, h, w, p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(n, h * p, w * p, c)
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------
+
+
+class DiT(nnx.Module):
+    """Diffusion Transformer with adaLN-Zero conditioning, NHWC.
+
+    `model(x, t, y, train=False, rngs=None)`: x (N, H, W, in_channels); t (N,) timesteps of the
+    ORIGINAL 1000-step process (int or float); y (N,) int labels, y == num_classes is the null
+    class. Returns (N, H, W, out_channels): ε in the first in_channels channels, then the
+    variance interpolation values when learn_sigma. With `train=True` labels are dropped with
+    probability class_dropout_prob, using `rngs` (an nnx.Rngs with a `dropout` stream, or a key).
+    """
+
+    def __init__(self, cfg: DiTConfig | None = None, *, rngs: nnx.Rngs | None = None, **kwargs):
+        if cfg is None:
+            cfg = DiTConfig(**kwargs)
+        elif kwargs:
+            cfg = dataclasses.replace(cfg, **kwargs)
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.config = cfg
+        d, p = cfg.hidden_size, cfg.patch_size
+        numerics = NUMERICS[cfg.numerics]
+
+        # xavier-uniform on the flattened (D, C·p·p) view: fan-in over (kh, kw, C), fan-out D.
+        conv_init = nnx.initializers.variance_scaling(1.0, "fan_avg", "uniform",
+                                                      in_axis=(0, 1, 2), out_axis=3)
+        self.x_embedder = nnx.Conv(
+            cfg.in_channels, d, kernel_size=(p, p), strides=(p, p), padding="VALID",
+            kernel_init=conv_init, bias_init=nnx.initializers.zeros_init(), rngs=rngs,
+            kernel_metadata=_meta(None, None, None, "embed"), bias_metadata=_meta("embed"))
+        # Fixed, not trained: a plain constant rather than a Param keeps it out of the optimiser.
+        self.pos_embed = nnx.Variable(
+            jnp.asarray(sincos_2d(d, cfg.grid_size), jnp.float32)[None], **_meta(None, None, None))
+        self.t_embedder = TimestepEmbedder(d, freq_shift=numerics["timestep_freq_shift"], rngs=rngs)
+        self.y_embedder = (LabelEmbedder(cfg.num_classes, d, cfg.class_dropout_prob, rngs=rngs)
+                           if cfg.num_classes > 0 else None)
+        if cfg.scan_blocks:
+            self.blocks = _stacked_blocks(cfg, rngs)
+        else:
+            self.blocks = nnx.List([DiTBlock(cfg, rngs=rngs) for _ in range(cfg.depth)])
+        self.final_layer = FinalLayer(d, p, cfg.out_channels, rngs=rngs)
+
+    def embed(self, x, t, y, *, train: bool = False, rngs=None):
+        """Token sequence (N, T, D) and conditioning vector c (N, D)."""
+        cfg = self.config
+        x = self.x_embedder(x.astype(jnp.float32))
+        x = x.reshape(x.shape[0], -1, cfg.hidden_size) + self.pos_embed[...]
+        c = self.t_embedder(t)
+        if self.y_embedder is not None:
+            key = None
+            if train and rngs is not None:
+                key = rngs.dropout() if isinstance(rngs, nnx.Rngs) else rngs
+            c = c + self.y_embedder(y, train=train, key=key)
+        return x, c
+
+    def __call__(self, x, t, y=None, *, train: bool = False, rngs=None):
+        cfg = self.config
+        if self.y_embedder is not None and y is None:
+            raise ValueError("this DiT is class-conditional (num_classes > 0): pass labels y")
+        tokens, c = self.embed(x, t, y, train=train, rngs=rngs)
+        tokens = self.run_blocks(tokens, c)
+        out = self.final_layer(tokens, c)
+        return unpatchify(out, cfg.grid_size, cfg.patch_size)
+
+    def run_blocks(self, x, c):
+        cfg = self.config
+        if cfg.scan_blocks:
+            def body(block, carry, c):
+                return block(carry, c)
+            if cfg.remat:
+                body = nnx.remat(body)
+
+            @nnx.scan(in_axes=(0, nnx.Carry, None), out_axes=nnx.Carry)
+            def scan_fn(block, carry, c):
+                return body(block, carry, c)
+
+            return scan_fn(self.blocks, x, c)
+        for block in self.blocks:
+            x = nnx.remat(type(block).__call__)(block, x, c) if cfg.remat else block(x, c)
+        return x
+
+
+def _stacked_blocks(cfg: DiTConfig, rngs: nnx.Rngs) -> DiTBlock:
+    """One DiTBlock whose parameters carry a leading `layers` axis of length depth."""
+
+    @nnx.split_rngs(splits=cfg.depth)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(rngs):
+        return DiTBlock(cfg, rngs=rngs)
+
+    return make(rngs)
+
+
+def create_model(name: str | None = None, *, image_size: int | tuple[int, int] = 256,
+                 rngs: nnx.Rngs | None = None, **overrides) -> DiT:
+    """A DiT by official name ("DiT-XL/2" … "DiT-S/8") at `image_size` pixels (latent side
+    image_size // 8), or by plain hyper-parameters when `name` is None. `overrides` replace any
+    DiTConfig field (e.g. dtype=jnp.bfloat16, num_classes=10, input_size=32)."""
+    fields = {}
+    if name is not None:
+        if name not in DIT_CONFIGS:
+            raise ValueError(f"unknown DiT model {name!r}; choose one of {sorted(DIT_CONFIGS)}")
+        fields.update(DIT_CONFIGS[name])
+        size = image_size
+        if isinstance(size, int):
+            if size % 8:
+                raise ValueError(f"image_size {size} is not divisible by 8 (the VAE down-sampling)")
+            fields["input_size"] = size // 8
+        else:
+            fields["input_size"] = tuple(s // 8 for s in size)
+    fields.update(overrides)
+    return DiT(DiTConfig(**fields), rngs=rngs if rngs is not None else nnx.Rngs(0))
+
+
+def count_params(model: nnx.Module, *, include_pos_embed: bool = True) -> int:
+    """Parameter count as the official code reports it (pos_embed included by default)."""
+    params = nnx.state(model, nnx.Param)
+    total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    if include_pos_embed:
+        total += int(np.prod(model.pos_embed.shape))
+    return total
+
+
+def convert_blocks(model: DiT, *, scan_blocks: bool) -> DiT:
+    """The same model with its blocks as a list (`scan_blocks=False`) or stacked along a leading
+    `layers` axis (`scan_blocks=True`); the two forms compute the same function."""
+    cfg = model.config
+    if cfg.scan_blocks == scan_blocks:
+        return model
+    target = nnx.eval_shape(lambda: DiT(dataclasses.replace(cfg, scan_blocks=scan_blocks)))
+    values = nnx.to_pure_dict(nnx.state(model))
+    blocks = values["blocks"]
+    if scan_blocks:
+        values["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *(blocks[i] for i in range(cfg.depth)))
+    else:
+        values["blocks"] = {i: jax.tree.map(lambda x, i=i: x[i], blocks) for i in range(cfg.depth)}
+    state = nnx.state(target)
+    nnx.replace_by_pure_dict(state, values)
+    nnx.update(target, state)
+    return target

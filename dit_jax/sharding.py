@@ -1,0 +1,106 @@
+"""Meshes and the mapping of the model's logical axis names onto mesh axes.
+
+The only place that knows how parameters and batches are laid out over devices. The model file
+annotates every parameter with logical names (see `dit_jax.models.dit`); `LOGICAL_AXIS_RULES`
+maps them to the mesh axes `data`, `fsdp` and `tensor`:
+
+- batch → (data, fsdp): every device sees a different slice of the global batch;
+- embed → fsdp: parameters, gradients and optimiser state are split over the fsdp axis (ZeRO-3
+  style; XLA all-gathers each weight where it is used);
+- qkv / heads / mlp / modulation → tensor: Megatron-style tensor parallelism.
+
+A dimension that a mesh axis does not divide evenly is replicated instead, so small test models
+run on any mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+LOGICAL_AXIS_RULES: dict[str, Any] = {
+    "batch": BATCH_AXES,
+    "embed": "fsdp",
+    "qkv": "tensor",
+    "heads": "tensor",
+    "mlp": "tensor",
+    "modulation": "tensor",
+    "layers": None,
+    "classes": None,
+    "freq": None,
+    "embed_in": None,
+    "patch_out": None,
+}
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: every device of every host) with Auto
+    axis types. One size may be -1: it takes whatever the others leave."""
+    devices = list(devices) if devices is not None else jax.devices()
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices cannot be split into mesh {sizes}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(
+            f"mesh data={sizes[0]} × fsdp={sizes[1]} × tensor={sizes[2]} needs {math.prod(sizes)} "
+            f"devices, but {len(devices)} are available")
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def logical_to_mesh_spec(logical: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh,
+                         rules: dict[str, Any] = LOGICAL_AXIS_RULES) -> P:
+    """Mesh PartitionSpec for an array of `shape` annotated with logical axis names."""
+    if not logical:
+        return P()
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(logical, shape):
+        target = rules.get(name) if name is not None else None
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        axes = tuple(a for a in axes if a in mesh.shape and a not in used and mesh.shape[a] > 1)
+        if axes and dim % math.prod(mesh.shape[a] for a in axes) == 0:
+            used.update(axes)
+            spec.append(axes[0] if len(axes) == 1 else axes)
+        else:
+            spec.append(None)
+    return P(*spec)
+
+
+def state_shardings(state: Any, mesh: Mesh, rules: dict[str, Any] = LOGICAL_AXIS_RULES) -> Any:
+    """NamedShardings for an nnx State (or any tree of Variables), from their logical names.
+    Leaves that are plain arrays (e.g. optimiser counters) are replicated."""
+
+    def sharding(leaf):
+        if isinstance(leaf, nnx.Variable):
+            logical = leaf.get_metadata().get("out_sharding")
+            return leaf.replace(
+                NamedSharding(mesh, logical_to_mesh_spec(logical, leaf.shape, mesh, rules)))
+        return NamedSharding(mesh, P())
+
+    return jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+    """The leading (batch) axis split over data × fsdp, the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def shard_batch(local_batch: Any, mesh: Mesh) -> Any:
+    """Global arrays from this host's slice of the batch (every host passes its own rows)."""
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(x)), np.asarray(x)),
+        local_batch)
