@@ -19,6 +19,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample_every = 10_000
     c.keep_checkpoints = 3  # the most recent N are kept ...
     c.keep_every = 0  # ... plus every Kth step forever (0: none)
+    c.async_checkpointing = True  # write checkpoints in the background while training goes on
+    # Fine-tuning: initial weights from anything dit_jax.port.load_any reads (an official .pt,
+    # a diffusers folder or hub id, a dit_jax model checkpoint, a train.py workdir's EMA).
+    c.init_from = ""
+    c.peak_tflops = 0.0  # per-device peak for MFU; 0: from the table in dit_jax.flops
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "DiT-XL/2"
@@ -45,17 +50,21 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.b2 = 0.999
     c.optim.eps = 1e-8
     c.optim.weight_decay = 0.0
-    c.optim.schedule = "constant"  # or "cosine" (warmup + cosine decay to 0 at total_steps)
-    c.optim.warmup_steps = 0
+    c.optim.schedule = "constant"  # or "cosine" (warmup + cosine decay at total_steps)
+    c.optim.warmup_steps = 0  # linear warmup (either schedule)
+    c.optim.final_lr_fraction = 0.0  # cosine: the lr at total_steps, as a fraction of lr
+    c.optim.weight_decay_mask = "all"  # or "matrices": no decay on biases
     c.optim.grad_clip = 0.0  # global-norm clipping; 0 disables
     c.optim.accum_steps = 1  # microbatches per step (gradient accumulation inside the step)
     c.optim.ema_decay = 0.9999
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "latents"  # "builtin" | "folder" | "latents"
+    c.data.source = "latents"  # "builtin" | "synthetic" | "folder" | "latents"
     c.data.path = ""
     c.data.image_size = 256
     c.data.num_workers = 4
+    c.data.num_examples = 0  # size of the builtin / synthetic data (0: the source's default)
+    c.data.dataset_seed = 0  # content of the builtin / synthetic data (the order uses `seed`)
 
     # A diffusers-format VAE folder or hub id; "none" trains in pixel space.
     c.vae = "stabilityai/sd-vae-ft-ema"
@@ -70,6 +79,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.cfg_scale = 4.0
     c.sample.sampler = "ddim"
     c.sample.steps = 50
+    # Clip x̂0 to [-1, 1] while sampling (ADM's clip_denoised): for pixel-space models only; the
+    # official DiT samples latents unclipped.
+    c.sample.clip_denoised = False
     return c
 
 

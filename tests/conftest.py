@@ -27,6 +27,23 @@ def randomize_params(model: nnx.Module, seed: int = 0, std: float = 0.05) -> nnx
     return model
 
 
+def random_dit(seed: int = 0, std: float = 0.05, **config):
+    """A DiT (create_model(**config)) with N(0, std²) parameters drawn by NumPy: no random
+    initialisation run op by op, which costs seconds per new shape on CPU."""
+    from dit_jax.models.dit import create_model, sincos_2d
+
+    model = nnx.eval_shape(lambda: create_model(**config))
+    state = nnx.state(model)
+    rng = np.random.default_rng(seed)
+    values = jax.tree.map(lambda x: rng.standard_normal(x.shape, np.float32) * std,
+                          nnx.to_pure_dict(state))
+    cfg = model.config
+    values["pos_embed"] = sincos_2d(cfg.hidden_size, cfg.grid_size)[None].astype(np.float32)
+    nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, values))
+    nnx.update(model, state)
+    return model
+
+
 @pytest.fixture(scope="session")
 def rng():
     return np.random.default_rng(0)

@@ -334,16 +334,16 @@ class DiT(nnx.Module):
     def run_blocks(self, x, c):
         cfg = self.config
         if cfg.scan_blocks:
-            def body(block, carry, c):
-                return block(carry, c)
+            # A plain lax.scan over the stacked state rather than nnx.scan: nnx.scan refuses
+            # variables created at an outer trace level, so a scanned DiT could not be called
+            # inside another scan (the sampling loops, gradient accumulation).
+            graphdef, stacked = nnx.split(self.blocks)
+
+            def body(carry, layer):
+                return nnx.merge(graphdef, layer)(carry, c), None
             if cfg.remat:
-                body = nnx.remat(body)
-
-            @nnx.scan(in_axes=(0, nnx.Carry, None), out_axes=nnx.Carry)
-            def scan_fn(block, carry, c):
-                return body(block, carry, c)
-
-            return scan_fn(self.blocks, x, c)
+                body = jax.checkpoint(body)
+            return jax.lax.scan(body, x, stacked)[0]
         for block in self.blocks:
             x = nnx.remat(type(block).__call__)(block, x, c) if cfg.remat else block(x, c)
         return x

@@ -1,0 +1,159 @@
+"""Training data: random-access sources and the per-host batch iterator the train loop reads.
+
+A *source* is anything with `__len__` and `__getitem__(index) -> {"x": (H, W, C) float32,
+"y": int}` plus two attributes, `num_classes` and `element_shape` (the shape of "x"). That is
+grain's `RandomAccessDataSource` protocol, so a grain source (an image folder, a latent array
+file) plugs in unchanged; a source may also offer `get_batch(indices)` to build many examples at
+once (the built-in ones do, vectorised).
+
+`Batches` turns a source into the global batch stream of a run and hands each host only its own
+rows of it:
+
+- global batch b covers positions [b·G, (b+1)·G) of an endless stream of epochs; epoch e visits
+  the source in the order of a permutation drawn from (seed, e), so the order is a global shuffle
+  that depends on the seed alone, not on the number of hosts or devices;
+- a host loads the rows [lo, hi) of each global batch that its devices hold (the train loop
+  derives them from the mesh), and the hosts' slices assemble into the global batch with
+  `jax.make_array_from_process_local_data`;
+- its whole state is the index of the next global batch (`get_state`/`set_state`, JSON), so a
+  resumed run reads exactly the batches an uninterrupted run would have.
+
+Sources that read files (image folders, extracted latents) go through `make_batches` to grain
+(`dit_jax.data.pipeline.Loader`): the same definitions and state, plus worker processes and
+prefetch, and a per-example `augment(record, rng)` (random flip, posterior sample) keyed by the
+seed and the stream position.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+from dit_jax.data.builtin import BuiltinShapes, classify_image
+from dit_jax.data.synthetic import SyntheticLatents
+
+
+class Source(Protocol):
+    num_classes: int
+    element_shape: tuple[int, ...]
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> dict[str, Any]: ...
+
+
+def get_batch(source: Source, indices: Sequence[int]) -> dict[str, np.ndarray]:
+    """Examples `indices` of `source` stacked into {"x": (n, H, W, C) float32, "y": (n,) int32}."""
+    if hasattr(source, "get_batch"):
+        return source.get_batch(np.asarray(indices))
+    records = [source[int(i)] for i in indices]
+    return {"x": np.stack([np.asarray(r["x"], np.float32) for r in records]),
+            "y": np.asarray([r["y"] for r in records], np.int32)}
+
+
+class Batches:
+    """This host's rows [lo, hi) of every global batch of `source`, shuffled by `seed`."""
+
+    def __init__(self, source: Source, *, global_batch_size: int, seed: int,
+                 host_rows: tuple[int, int] | None = None):
+        lo, hi = host_rows if host_rows is not None else (0, global_batch_size)
+        if not 0 <= lo < hi <= global_batch_size:
+            raise ValueError(f"host rows [{lo}, {hi}) are not inside a batch of {global_batch_size}")
+        if len(source) < 1:
+            raise ValueError("the data source is empty")
+        self.source = source
+        self.global_batch_size = global_batch_size
+        self.seed = seed
+        self.rows = (lo, hi)
+        self.next_batch = 0
+        self._perm_epoch = -1
+        self._perm = None
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.source))
+            self._perm_epoch = epoch
+        return self._perm
+
+    def indices(self, batch: int) -> np.ndarray:
+        """Source indices of this host's rows of global batch `batch`."""
+        n = len(self.source)
+        lo, hi = self.rows
+        positions = batch * self.global_batch_size + np.arange(lo, hi, dtype=np.int64)
+        epochs, offsets = np.divmod(positions, n)
+        out = np.empty(len(positions), np.int64)
+        for epoch in np.unique(epochs):
+            sel = epochs == epoch
+            out[sel] = self._order(int(epoch))[offsets[sel]]
+        return out
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = get_batch(self.source, self.indices(self.next_batch))
+        self.next_batch += 1
+        return batch
+
+    def get_state(self) -> dict[str, int]:
+        return {"next_batch": int(self.next_batch), "seed": int(self.seed),
+                "global_batch_size": int(self.global_batch_size)}
+
+    def set_state(self, state: dict[str, int]) -> None:
+        # A different batch size or seed would silently change which examples come next.
+        for key in ("seed", "global_batch_size"):
+            if key in state and int(state[key]) != getattr(self, key):
+                raise ValueError(f"data iterator state has {key}={state[key]}, but this run uses "
+                                 f"{getattr(self, key)}")
+        self.next_batch = int(state["next_batch"])
+
+
+def make_source(data_config, *, model_input: tuple[int, int, int] | None = None,
+                num_classes: int | None = None) -> Source:
+    """The source named by `data_config.source`.
+
+    builtin: the procedural shapes data (pixel space, `data_config.image_size`).
+    synthetic: random latents of shape `model_input` for benchmarks (labels in [0, num_classes)).
+    folder: the images under `data_config.path` (class subfolders, or one flat folder for
+    unconditional data), ADM-cropped to `image_size` (`dit_jax.data.folder`).
+    latents: a folder written by `python -m dit_jax.extract_latents` (`dit_jax.data.latents`).
+    """
+    name = data_config.source
+    if name == "builtin":
+        return BuiltinShapes(image_size=data_config.image_size,
+                             size=data_config.get("num_examples", 0) or BuiltinShapes.DEFAULT_SIZE,
+                             seed=data_config.get("dataset_seed", 0))
+    if name == "synthetic":
+        if model_input is None:
+            raise ValueError("the synthetic source needs the model's input shape")
+        return SyntheticLatents(shape=model_input, num_classes=num_classes or 1000,
+                                size=data_config.get("num_examples", 0) or SyntheticLatents.DEFAULT_SIZE,
+                                seed=data_config.get("dataset_seed", 0))
+    if name in ("folder", "latents") and not data_config.get("path"):
+        raise ValueError(f"data.source={name!r} needs data.path (an image folder, or a folder "
+                         f"written by `python -m dit_jax.extract_latents`)")
+    if name == "folder":
+        from dit_jax.data.folder import ImageFolderSource
+        return ImageFolderSource(data_config.path, data_config.image_size)
+    if name == "latents":
+        from dit_jax.data.latents import LatentSource
+        return LatentSource(data_config.path, image_size=data_config.image_size)
+    raise ValueError(f"unknown data source {name!r}; choose builtin, synthetic, folder or latents")
+
+
+def make_batches(source: Source, *, global_batch_size: int, seed: int,
+                 host_rows: tuple[int, int] | None = None, num_workers: int = 0):
+    """This host's batch iterator over `source`: the grain pipeline (`dit_jax.data.pipeline`:
+    worker processes, prefetch) for the sources that read files, the in-process `Batches` for
+    the generated ones. Both follow the same definitions (global shuffle by seed, host rows of
+    every global batch) and the same JSON state."""
+    if hasattr(source, "augment"):
+        from dit_jax.data.pipeline import Loader
+        return Loader(source, global_batch_size=global_batch_size, seed=seed, host_rows=host_rows,
+                      num_workers=num_workers)
+    return Batches(source, global_batch_size=global_batch_size, seed=seed, host_rows=host_rows)
+
+
+__all__ = ["Batches", "BuiltinShapes", "Source", "SyntheticLatents", "classify_image",
+           "get_batch", "make_batches", "make_source"]

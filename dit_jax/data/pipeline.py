@@ -1,0 +1,202 @@
+"""The grain input pipeline: a random-access source → this host's rows of every global batch.
+
+    stream  = source, globally shuffled by (seed, epoch), repeated forever     (grain shuffle/repeat)
+    example = source.augment(stream[p], rng(seed, p))                           (grain random_map)
+    host    = rows [lo, hi) of each global batch: stream positions b·G + lo .. b·G + hi - 1
+    batches = host examples in groups of hi - lo (drop_remainder)               (grain batch)
+    → threads (ReadOptions) inside `num_workers` worker processes (mp_prefetch), prefetching.
+
+The same definitions as `dit_jax.data.Batches` (the in-process iterator of the built-in data):
+global batch b covers positions [b·G, (b+1)·G) of the stream and its content depends on the seed
+alone, not on the number of hosts, devices or workers; each position, hence each example of an
+epoch, is read by exactly one host. The augmentation's random numbers are keyed by the stream
+position, so a flip is reproducible too. Batching happens before the worker split (workers take
+whole batches in turn), so the worker count does not change any batch either.
+
+The iterator state is a small JSON-able dict, {"next_batch", "skipped", "seed",
+"global_batch_size"} (the format of `dit_jax.data.Batches` too): saved in a checkpoint and set on a
+fresh `Loader`, it continues with exactly the next batch, because a batch is random access in
+grain (the restored pipeline starts at a slice of the batch dataset). It is the same on every
+host and does not depend on the worker, thread or host counts, so a run may resume with others.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+
+
+def default_host_rows(global_batch_size: int, process_index: int | None = None,
+                      process_count: int | None = None) -> tuple[int, int]:
+    """Rows [lo, hi) of the global batch that host `process_index` of `process_count` loads:
+    equal contiguous blocks in process order (the layout `jax.make_array_from_process_local_data`
+    expects for a batch split over all devices)."""
+    if process_index is None or process_count is None:
+        import jax
+        process_index, process_count = jax.process_index(), jax.process_count()
+    if global_batch_size % process_count:
+        raise ValueError(f"global batch {global_batch_size} is not divisible by {process_count} hosts")
+    per_host = global_batch_size // process_count
+    return process_index * per_host, (process_index + 1) * per_host
+
+
+class _HostRows(grain.MapDataset):
+    """Host element j = parent position (j // L)·G + lo + j % L with L = hi - lo."""
+
+    def __init__(self, parent: grain.MapDataset, global_batch_size: int, rows: tuple[int, int]):
+        super().__init__(parent)
+        self._global = int(global_batch_size)
+        self._lo, self._hi = int(rows[0]), int(rows[1])
+        self._rows = self._hi - self._lo
+        parent_len = len(parent)
+        self._length = sys.maxsize if parent_len >= sys.maxsize else \
+            (parent_len // self._global) * self._rows
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _position(self, index: int) -> int:
+        batch, row = divmod(int(index), self._rows)
+        return batch * self._global + self._lo + row
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[self._position(index)]
+
+    def _getitems(self, indices: Sequence[int]):
+        return self._parent._getitems([self._position(i) for i in indices])  # noqa: SLF001
+
+    def __str__(self) -> str:
+        return f"HostRows(global={self._global}, rows=[{self._lo}, {self._hi}))"
+
+
+def ensure_absl_flags_parsed() -> None:
+    # grain reads some settings through absl flags, which fail with UnparsedFlagAccessError in a
+    # program that is not an absl app (pytest, a notebook, a plain script): use their defaults.
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _count_skipped(record: dict[str, Any]) -> dict[str, Any]:
+    # Sources without bad-file handling still yield the key, so every batch has one layout.
+    if "skipped" not in record:
+        record = dict(record, skipped=np.int32(0))
+    return record
+
+
+class Loader:
+    """Iterator over this host's rows of every global batch of `source`: dicts of stacked
+    arrays ({"x": (rows, ...) float32, "y": (rows,) int32, ...}); the per-example "skipped"
+    flags are taken out of the batch and added up in `skipped`.
+
+    source: grain RandomAccessDataSource of dict records; its `augment(record, rng)` (if any)
+    turns a record into a training example (random flip, posterior sample), with a generator
+    keyed by (seed, stream position).
+    host_rows: this host's rows of the global batch; default from jax.process_index/count.
+    num_workers: worker processes (0: threads of this process only); num_threads: reader
+    threads per process; prefetch: batches buffered per process.
+    """
+
+    def __init__(self, source, *, global_batch_size: int, seed: int,
+                 host_rows: tuple[int, int] | None = None, num_workers: int = 0,
+                 num_threads: int = 4, prefetch: int = 2):
+        if len(source) < 1:
+            raise ValueError(f"the data source {source!r} is empty")
+        lo, hi = host_rows if host_rows is not None else default_host_rows(global_batch_size)
+        if not 0 <= lo < hi <= global_batch_size:
+            raise ValueError(f"host rows [{lo}, {hi}) are not inside a batch of {global_batch_size}")
+        if not 0 <= seed < 2 ** 32:
+            raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+        self.source = source
+        self.global_batch_size = int(global_batch_size)
+        self.seed = int(seed)
+        self.rows = (int(lo), int(hi))
+        self.num_workers = int(num_workers)
+        self._skipped_base = 0  # every host's skipped examples up to the last sync_skipped()
+        self._skipped_local = 0  # this host's since then
+        self.next_batch = 0
+
+        ensure_absl_flags_parsed()
+        ds = grain.MapDataset.source(source).seed(self.seed).shuffle().repeat()
+        if hasattr(source, "augment"):
+            ds = ds.random_map(source.augment)
+        ds = ds.map(_count_skipped)
+        ds = _HostRows(ds, self.global_batch_size, self.rows)
+        self._batches = ds.batch(hi - lo, drop_remainder=True)
+        self._read_options = grain.ReadOptions(
+            # Elements are whole batches here, so the read buffer is counted in batches; it must
+            # hold one per thread or threads sit idle.
+            num_threads=num_threads, prefetch_buffer_size=max(1, prefetch, num_threads))
+        self._mp_options = grain.MultiprocessingOptions(
+            num_workers=self.num_workers, per_worker_buffer_size=max(1, prefetch))
+        self._iterator = None
+
+    def _start(self):
+        # Batches are random access, so resuming at batch k is a slice: no replay, and nothing in
+        # the state depends on the worker or thread counts.
+        ds = self._batches[self.next_batch:] if self.next_batch else self._batches
+        ds = ds.to_iter_dataset(self._read_options)
+        if self.num_workers > 0:
+            ds = ds.mp_prefetch(self._mp_options)
+        return iter(ds)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._iterator is None:
+            self._iterator = self._start()
+        batch = dict(next(self._iterator))
+        self._skipped_local += int(np.sum(batch.pop("skipped")))
+        self.next_batch += 1
+        return batch
+
+    @property
+    def skipped(self) -> int:
+        """Examples skipped as unreadable: every host's up to the last `sync_skipped`, plus this
+        host's since (with one process: all of them)."""
+        return self._skipped_base + self._skipped_local
+
+    def sync_skipped(self) -> int:
+        """The run's total of skipped examples over all hosts. With several processes this is a
+        collective: call it on every host at the same point (the train loop does, before it logs
+        or saves), after which `get_state` holds the same total on every host."""
+        import jax
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            counts = multihost_utils.process_allgather(np.asarray(self._skipped_local, np.int64))
+            self._skipped_base += int(np.sum(counts))
+            self._skipped_local = 0
+        return self.skipped
+
+    def get_state(self) -> dict[str, Any]:
+        # The same on every host (all have read as many batches), so the one copy a checkpoint
+        # keeps restores every host, whatever its rows, worker count or the number of hosts.
+        return {"next_batch": self.next_batch, "skipped": self.skipped, "seed": self.seed,
+                "global_batch_size": self.global_batch_size}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        # Any of these would silently change which examples come next.
+        for key, value in (("seed", self.seed), ("global_batch_size", self.global_batch_size)):
+            if key in state and state[key] != value:
+                raise ValueError(f"data iterator state has {key}={state[key]}, but this run uses "
+                                 f"{value}")
+        self.close()
+        self.next_batch = int(state["next_batch"])
+        self._skipped_base = int(state.get("skipped", 0))
+        self._skipped_local = 0
+
+    def close(self) -> None:
+        """Stop the worker processes (a later `next` starts them again)."""
+        close = getattr(self._iterator, "close", None)
+        if close is not None:
+            close()
+        self._iterator = None
+
+
+__all__ = ["Loader", "default_host_rows"]

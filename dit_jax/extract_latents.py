@@ -1,0 +1,302 @@
+"""Encode an image folder once with the VAE: the fast path of training (SPEC §3).
+
+    python -m dit_jax.extract_latents --data /data/imagenet/train --out /data/latents256 \\
+        --image-size 256 --vae stabilityai/sd-vae-ft-ema
+
+Every image goes through the released preprocessing (ADM center crop, [-1, 1]); the VAE encodes it
+and its mirror image, and the posterior mean and std of both are stored (see
+`dit_jax.data.latents` for the layout and for why moments, not samples). Training then reads
+`--config.data.source=latents --config.data.path=OUT`.
+
+Scale-out: run the same command on every host of a pod (after `jax.distributed.initialize`,
+done here when the environment shows a multi-host launch). The images are cut into shards of
+`--shard-size` consecutive files; host p encodes the shards p, p + P, p + 2P, ... with its own
+devices (the batch split over all of them by a local mesh), so hosts never wait for each other
+until the end, when host 0 writes the manifest. A shard is written atomically (temporary file,
+then rename) and skipped when found complete, so an interrupted extraction resumes where it
+stopped: run the same command again. Unreadable images are skipped (logged, counted, and listed
+in the manifest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from dit_jax.data.folder import ImageFolderSource
+from dit_jax.data.latents import (FORMAT, MANIFEST, MANIFEST_STORED, labels_file, moments_file)
+from dit_jax.data.pipeline import ensure_absl_flags_parsed
+from dit_jax.sharding import batch_sharding, make_mesh, shard_batch
+
+log = logging.getLogger(__name__)
+
+PLAN = "extraction.json"  # the settings of an extraction in progress, to refuse mixing two
+VAE_SHORTHANDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
+
+
+def shard_record(shard: int) -> str:
+    return f"shard_{shard:05d}.json"
+
+
+class _LoadBatch:
+    """Grain map: (shard, start, stop) → the preprocessed images [start, stop) padded to `rows`,
+    with a validity mask (False for padding and for unreadable files)."""
+
+    def __init__(self, source: ImageFolderSource, rows: int):
+        self.source = source
+        self.rows = rows
+
+    def __call__(self, item: tuple[int, int, int]) -> dict[str, Any]:
+        shard, start, stop = item
+        x = np.zeros((self.rows,) + self.source.element_shape, np.float32)
+        valid = np.zeros(self.rows, bool)
+        for row, index in enumerate(range(start, stop)):
+            image = self.source.load(index)
+            if image is not None:
+                x[row] = image
+                valid[row] = True
+        return {"x": x, "valid": valid, "shard": np.int64(shard), "start": np.int64(start),
+                "stop": np.int64(stop)}
+
+
+def make_encoder(vae, mesh):
+    """jitted (weights, images (B, S, S, 3)) → moments (B, 2, 2, h, w, c): orientation (as is,
+    mirrored) × (mean, std), the batch split over the mesh."""
+    graphdef, weights = nnx.split(vae)
+    weights = jax.device_put(weights, NamedSharding(mesh, P()))
+
+    def encode(weights, x):
+        model = nnx.merge(graphdef, weights)
+        n = x.shape[0]
+        # Interleaved (image i, its mirror) rows: each device encodes both orientations of its
+        # own rows, so no data moves between devices.
+        both = jnp.stack([x, x[:, :, ::-1, :]], axis=1).reshape((2 * n,) + x.shape[1:])
+        posterior = model.encode(both)
+        moments = jnp.stack([posterior.mean, posterior.std], axis=1)  # (2n, 2, h, w, c)
+        return moments.reshape((n, 2) + moments.shape[1:])
+
+    jitted = jax.jit(encode, in_shardings=(NamedSharding(mesh, P()), batch_sharding(mesh, 4)),
+                     out_shardings=batch_sharding(mesh, 6))
+    return lambda x: jitted(weights, x)
+
+
+def _digest(source: ImageFolderSource) -> str:
+    h = hashlib.sha256()
+    root = os.path.abspath(source.root)
+    for path, label in zip(source.paths, source.labels):
+        h.update(f"{os.path.relpath(path, root)}\t{label}\n".encode())
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    _write_atomic(path, lambda f: f.write((json.dumps(payload, indent=1) + "\n").encode()))
+
+
+def extract(data: str | os.PathLike, out: str | os.PathLike, *, image_size: int, vae: str,
+            batch_size: int = 32, shard_size: int = 2048, dtype: str = "float32",
+            num_workers: int = 4, num_threads: int = 8, class_folders: bool | None = None,
+            vae_dtype=jnp.float32, progress: bool = True, vae_module=None) -> dict[str, Any]:
+    """Encode `data` into `out` (resuming a previous run there); returns the manifest.
+
+    batch_size: images per device per step (each is encoded twice: as is and mirrored).
+    shard_size: images per shard file. dtype: storage dtype of the moments (float32, float16).
+    vae: a diffusers VAE folder or hub id (recorded in the manifest); `vae_module` may pass the
+    loaded AutoencoderKL instead of loading `vae`.
+    """
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
+    out = Path(out).expanduser().absolute()
+    source = ImageFolderSource(data, image_size, class_folders=class_folders,
+                               replace_unreadable=False)
+    if vae_module is None:
+        from dit_jax.port.vae import load_vae
+        vae_module = load_vae(VAE_SHORTHANDS.get(vae, vae), dtype=vae_dtype)
+    down = vae_module.scale_factor
+    if image_size % down:
+        raise ValueError(f"image_size {image_size} is not divisible by the VAE's {down}x downsampling")
+    latent_shape = (image_size // down, image_size // down, vae_module.latent_channels)
+
+    num_files = len(source)
+    num_shards = -(-num_files // shard_size)
+    plan = {"format": FORMAT, "data": os.path.abspath(source.root), "image_size": int(image_size),
+            "vae": str(vae), "shard_size": int(shard_size), "dtype": dtype, "files": num_files,
+            "files_sha256": _digest(source), "class_names": source.class_names,
+            "latent_shape": list(latent_shape)}
+    out.mkdir(parents=True, exist_ok=True)
+    plan_path = out / PLAN
+    if plan_path.is_file():
+        previous = json.loads(plan_path.read_text())
+        changed = sorted(k for k in plan if previous.get(k) != plan[k])
+        if changed:
+            raise ValueError(f"{out} holds an extraction with other settings ({', '.join(changed)} "
+                             f"differ); use another --out or delete it")
+    else:
+        _write_json(plan_path, plan)
+
+    p, count = jax.process_index(), jax.process_count()
+    mine = [k for k in range(num_shards) if k % count == p]
+    done = [k for k in mine if (out / shard_record(k)).is_file()]
+    todo = [k for k in mine if k not in done]
+
+    def shard_range(k):
+        return k * shard_size, min((k + 1) * shard_size, num_files)
+
+    mesh = make_mesh(devices=jax.local_devices())
+    rows = int(batch_size) * mesh.size
+    def shard_len(k):
+        start, stop = shard_range(k)
+        return stop - start
+
+    bar = tqdm(total=sum(map(shard_len, mine)), initial=sum(map(shard_len, done)), unit="img",
+               desc=f"extract (host {p}/{count})" if count > 1 else "extract",
+               disable=not progress, dynamic_ncols=True)
+    if todo:
+        items = [(k, s, min(s + rows, shard_range(k)[1]))
+                 for k in todo for s in range(shard_range(k)[0], shard_range(k)[1], rows)]
+        ensure_absl_flags_parsed()
+        ds = grain.MapDataset.source(items).map(_LoadBatch(source, rows)).to_iter_dataset(
+            grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(2, num_threads)))
+        if num_workers > 0:
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+                                                             per_worker_buffer_size=2))
+        encode = make_encoder(vae_module, mesh)
+        store = np.float16 if dtype == "float16" else np.float32
+        shard_parts: dict[int, list] = {}
+
+        def collect(batch, moments):
+            k, start, stop = int(batch["shard"]), int(batch["start"]), int(batch["stop"])
+            valid = batch["valid"][: stop - start]
+            parts = shard_parts.setdefault(k, [])
+            parts.append((np.asarray(moments)[: stop - start][valid].astype(store),
+                          source.labels[start:stop][valid],
+                          [source.paths[i] for i in range(start, stop) if not valid[i - start]]))
+            bar.update(stop - start)
+            if stop == shard_range(k)[1]:
+                _write_shard(out, k, shard_parts.pop(k), shard_range(k), latent_shape, store)
+
+        iterator = iter(ds)
+        pending = None
+        with jax.set_mesh(mesh):
+            for batch in iterator:
+                # Dispatch this batch before fetching the previous one: the host loads and
+                # writes while the devices encode.
+                moments = encode(shard_batch(batch["x"], mesh))
+                if pending is not None:
+                    collect(*pending)
+                pending = (batch, moments)
+            if pending is not None:
+                collect(*pending)
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()
+    bar.close()
+
+    if count > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("dit_jax.extract_latents: all shards written")
+    manifest = _manifest(out, plan, num_shards, vae_module)
+    if p == 0:
+        _write_json(out / MANIFEST, manifest)
+        log.info("wrote %d latents (%d images skipped) to %s", manifest["count"],
+                 manifest["skipped"], out)
+    return manifest
+
+
+def _write_shard(out: Path, k: int, parts: list, span: tuple[int, int], latent_shape, store) -> None:
+    moments = (np.concatenate([m for m, _, _ in parts]) if parts
+               else np.zeros((0, 2, 2) + tuple(latent_shape), store))
+    labels = np.concatenate([y for _, y, _ in parts]).astype(np.int32)
+    skipped = [path for _, _, bad in parts for path in bad]
+    _write_atomic(out / moments_file(k), lambda f: np.save(f, moments))
+    _write_atomic(out / labels_file(k), lambda f: np.save(f, labels))
+    # Written last: its presence marks the shard complete.
+    _write_json(out / shard_record(k), {"count": int(len(labels)), "start": span[0], "stop": span[1],
+                                        "skipped": skipped})
+
+
+def _manifest(out: Path, plan: dict, num_shards: int, vae_module) -> dict[str, Any]:
+    shards, skipped = [], []
+    for k in range(num_shards):
+        record_path = out / shard_record(k)
+        if not record_path.is_file():
+            raise RuntimeError(f"shard {k} of {out} is missing after every host finished")
+        record = json.loads(record_path.read_text())
+        skipped.extend(record["skipped"])
+        if record["count"]:
+            shards.append({"moments": moments_file(k), "labels": labels_file(k),
+                           "count": record["count"]})
+    count = sum(s["count"] for s in shards)
+    if count == 0:
+        raise ValueError(f"no image of {plan['data']!r} could be read: nothing to train on")
+    return {"format": FORMAT, "stored": MANIFEST_STORED, "image_size": plan["image_size"],
+            "latent_shape": plan["latent_shape"], "count": count, "vae": plan["vae"],
+            "scaling_factor": float(vae_module.scaling_factor),
+            "shift_factor": float(vae_module.shift_factor), "class_names": plan["class_names"],
+            "dtype": plan["dtype"], "data": plan["data"], "files": plan["files"],
+            "skipped": len(skipped), "skipped_files": skipped[:1000], "shards": shards,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m dit_jax.extract_latents",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, help="image folder (class subfolders, or flat)")
+    parser.add_argument("--out", required=True, help="output folder (resumed if it exists)")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--vae", default="stabilityai/sd-vae-ft-ema",
+                        help="diffusers VAE folder or hub id; 'ema' / 'mse' for sd-vae-ft-*")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per device per step")
+    parser.add_argument("--shard-size", type=int, default=2048, help="images per shard file")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16"],
+                        help="storage dtype of the moments")
+    parser.add_argument("--vae-dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="compute dtype of the encoder")
+    parser.add_argument("--num-workers", type=int, default=4, help="image loading processes")
+    parser.add_argument("--num-threads", type=int, default=8, help="loading threads per process")
+    parser.add_argument("--layout", default="auto", choices=["auto", "classes", "flat"],
+                        help="class subfolders, one flat unconditional folder, or decide")
+    parser.add_argument("--distributed", default="auto", choices=["auto", "on", "off"],
+                        help="jax.distributed.initialize for multi-host runs")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    from dit_jax.train.loop import initialize_distributed
+    initialize_distributed(args.distributed)
+    manifest = extract(
+        args.data, args.out, image_size=args.image_size, vae=args.vae, batch_size=args.batch_size,
+        shard_size=args.shard_size, dtype=args.dtype, num_workers=args.num_workers,
+        num_threads=args.num_threads,
+        class_folders={"auto": None, "classes": True, "flat": False}[args.layout],
+        vae_dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.vae_dtype],
+        progress=not args.no_progress)
+    if jax.process_index() == 0:
+        print(f"{manifest['count']} latents {tuple(manifest['latent_shape'])} in {args.out} "
+              f"({manifest['skipped']} unreadable images skipped)", file=sys.stderr)
+    return manifest
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,385 @@
+"""Class-conditional sampling from a DiT over a device mesh: the library behind sample.py.
+
+One program for any number of devices and hosts: the model's weights are placed by their logical
+axis names (`dit_jax.sharding`), each chunk's batch is split over every device of every host, and
+the whole sampling loop (plus the VAE decode) is one jitted call per chunk. Samples are generated
+in chunks of `batch_size`; each chunk is saved under OUT/chunks/ before the next starts, so an
+interrupted run resumes where it stopped. A chunk's initial noise, step noise and random labels
+derive from (seed, chunk index) alone, and JAX's partitionable PRNG gives the same bits however the
+batch is sharded or padded, so the result depends neither on interruptions nor on the device count.
+
+Outputs in OUT: `grid.png` (the first GRID_MAX samples), `samples/NNNNNN.png`, and with `npz` the
+ADM-evaluator file (`arr_0` uint8 N×H×W×3 = uint8(clip(127.5·x + 128, 0, 255)), `arr_1` labels in
+sample order), written by streaming the chunks so that 50,000 samples never sit in memory at once.
+A latent model sampled without a VAE writes its latents instead (OUT/latents.npz, float32).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from PIL import Image
+from tqdm import tqdm
+
+from dit_jax import diffusion as diff
+from dit_jax.models.dit import DiT
+from dit_jax.sharding import batch_sharding, make_mesh, state_shardings
+from dit_jax.train.state import place
+
+log = logging.getLogger(__name__)
+
+SAMPLERS = ("ddpm", "ddim", "dpm++")
+GUIDANCE_CHANNELS = ("3", "all")
+GRID_MAX = 64
+NOISE_STREAM, LABEL_STREAM = 0, 1  # independent key streams under the run's seed
+DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"  # the decoder of the paper's FID numbers
+VAE_SHORTHANDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleRequest:
+    """Everything that defines a sampling run (sample.py's flags)."""
+
+    ckpt: str
+    model: str | None = None  # official name to check the weights against
+    image_size: int | None = None  # pixels; checked against the weights (and the VAE)
+    vae: str = DEFAULT_VAE  # folder or hub id; "none": pixel-space model, or latent output
+    labels: tuple[int, ...] | None = None  # None: uniform random labels
+    num_samples: int | None = None  # None: len(labels), or 8 with random labels
+    batch_size: int = 32  # global, per chunk
+    cfg_scale: float = 4.0
+    guidance_channels: str = "3"  # "3": the released form; "all": every ε channel
+    sampler: str = "ddpm"
+    steps: int = 250
+    seed: int = 0
+    out: str = "samples"
+    npz: str | None = None
+    dtype: str = "float32"  # compute dtype of the DiT matmuls
+
+    def __post_init__(self):
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; one of {SAMPLERS}")
+        if self.guidance_channels not in GUIDANCE_CHANNELS:
+            raise ValueError(f"guidance_channels must be one of {GUIDANCE_CHANNELS}, got "
+                             f"{self.guidance_channels!r}")
+        if self.labels is not None and not self.labels:
+            raise ValueError("labels is empty: give at least one, or None for random labels")
+        if min(self.batch_size, self.steps, self.total) < 1:
+            raise ValueError("batch_size, steps and num_samples must be positive")
+
+    @property
+    def total(self) -> int:
+        if self.num_samples is not None:
+            return self.num_samples
+        return len(self.labels) if self.labels is not None else 8
+
+    @property
+    def num_chunks(self) -> int:
+        return math.ceil(self.total / self.batch_size)
+
+    def chunk_size(self, chunk: int) -> int:
+        return min(self.batch_size, self.total - chunk * self.batch_size)
+
+
+def diffusion_for(sampler: str, steps: int, *, learn_sigma: bool = True):
+    """The respaced diffusion of a sampler: `steps` time-uniform steps (the official respacing) for
+    DDPM and DDIM, uniform in log-SNR for DPM-Solver++ (its recommended grid). Without a learned
+    variance the official fixed one (β_t) is used."""
+    spacing = f"logsnr{steps}" if sampler == "dpm++" else str(steps)
+    return diff.create_diffusion(spacing, learn_sigma=learn_sigma)
+
+
+def _sample_loop(sampler: str) -> Callable:
+    return {"ddpm": diff.p_sample_loop, "ddim": diff.ddim_sample_loop,
+            "dpm++": diff.dpmpp_2m_sample_loop}[sampler]
+
+
+def guided_model_fn(model: DiT, labels: jax.Array, cfg_scale: float, guidance_channels: str):
+    """model_fn(x, t) of the samplers: the DiT with classifier-free guidance (none at scale 1 or
+    for an unconditional model)."""
+    cfg = model.config
+
+    def model_fn(x, t, y):
+        return model(x, t, y)
+
+    if cfg.num_classes == 0 or cfg_scale == 1.0:
+        return lambda x, t: model_fn(x, t, labels)
+    channels = min(3, cfg.in_channels) if guidance_channels == "3" else None
+    return diff.classifier_free_guidance(model_fn, labels, cfg_scale, null_label=cfg.num_classes,
+                                         guide_channels=channels)
+
+
+def to_uint8(images: jax.Array) -> jax.Array:
+    """[-1, 1] images to uint8 as the official sampler and ADM's evaluator: truncation of
+    clip(127.5·x + 128); one channel is repeated to three."""
+    out = jnp.clip(127.5 * images.astype(jnp.float32) + 128.0, 0, 255).astype(jnp.uint8)
+    return jnp.repeat(out, 3, axis=-1) if out.shape[-1] == 1 else out
+
+
+@dataclasses.dataclass
+class Decoder:
+    """A latent decoder run inside the sampling program: `decode(module, latents) -> images in
+    [-1, 1]` with `module` an nnx module (its weights are passed as arguments, not constants)."""
+
+    module: nnx.Module
+    decode: Callable[[nnx.Module, jax.Array], jax.Array]
+    scale_factor: int  # pixels per latent pixel
+    latent_channels: int
+
+
+def writes_images(model: DiT, decoder: Decoder | None) -> bool:
+    """Images for a decoder or a pixel-space model (1 or 3 channels); latents otherwise."""
+    return decoder is not None or model.config.in_channels in (1, 3)
+
+
+class ChunkSampler:
+    """The jitted program that turns a chunk index and its labels into samples: uint8 images
+    (pixel-space model or a decoder) or float32 latents (latent model without decoder)."""
+
+    def __init__(self, model: DiT, *, mesh: Mesh, batch_size: int, seed: int, sampler: str = "ddpm",
+                 steps: int = 250, cfg_scale: float = 4.0, guidance_channels: str = "3",
+                 decoder: Decoder | None = None):
+        cfg = model.config
+        self.mesh = mesh
+        # Every device gets an equal slice; padding rows are generated and thrown away.
+        self.padded = math.ceil(batch_size / mesh.size) * mesh.size
+        images = writes_images(model, decoder)
+        height, width = (cfg.input_size,) * 2 if isinstance(cfg.input_size, int) else cfg.input_size
+        shape = (self.padded, height, width, cfg.in_channels)
+        diffusion = diffusion_for(sampler, steps, learn_sigma=cfg.learn_sigma)
+        sample_loop = _sample_loop(sampler)
+        rows = batch_sharding(mesh, 4)
+
+        graphdef, state = nnx.split(model)
+        modules = {"dit": state}
+        if decoder is not None:
+            vae_graphdef, modules["vae"] = nnx.split(decoder.module)
+        shardings = {name: state_shardings(s, mesh) for name, s in modules.items()}
+        self.weights = place(modules, shardings)
+
+        def run(weights, chunk, labels):
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), NOISE_STREAM), chunk)
+            noise_key, step_key = jax.random.split(key)
+            x_T = jax.lax.with_sharding_constraint(jax.random.normal(noise_key, shape), rows)
+            dit = nnx.merge(graphdef, weights["dit"])
+            model_fn = guided_model_fn(dit, labels, cfg_scale, guidance_channels)
+            x = sample_loop(diffusion, model_fn, x_T, step_key)
+            if decoder is not None:
+                x = decoder.decode(nnx.merge(vae_graphdef, weights["vae"]), x)
+            return to_uint8(x) if images else x.astype(jnp.float32)
+
+        self._labels_sharding = batch_sharding(mesh, 1)
+        self._run = jax.jit(
+            run, in_shardings=(shardings, NamedSharding(mesh, P()), self._labels_sharding),
+            out_shardings=batch_sharding(mesh, 4))
+
+    def __call__(self, chunk: int, labels: np.ndarray) -> np.ndarray:
+        """Samples for `labels` (at most batch_size) of chunk `chunk`, as NumPy on every host."""
+        n = len(labels)
+        padded = np.zeros(self.padded, np.int32)
+        padded[:n] = labels
+        global_labels = jax.make_array_from_callback(padded.shape, self._labels_sharding,
+                                                     lambda index: padded[index])
+        with jax.set_mesh(self.mesh):
+            out = self._run(self.weights, np.int32(chunk), global_labels)
+        return np.asarray(multihost_utils.process_allgather(out, tiled=True))[:n]
+
+
+def chunk_labels(request: SampleRequest, num_classes: int, chunk: int) -> np.ndarray:
+    """Labels of chunk `chunk`: the given list repeated in order, or uniform at random from
+    (seed, chunk) (all zeros for an unconditional model)."""
+    start, n = chunk * request.batch_size, request.chunk_size(chunk)
+    if num_classes == 0:
+        return np.zeros(n, np.int32)
+    if request.labels is not None:
+        given = np.asarray(request.labels, np.int32)
+        return given[np.arange(start, start + n) % len(given)]
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(request.seed), LABEL_STREAM), chunk)
+    labels = jax.random.randint(key, (request.batch_size,), 0, num_classes)
+    return np.asarray(labels, np.int32)[:n]
+
+
+class ChunkStore:
+    """OUT/chunks/NNNNNN.npz ("samples", "labels"), one per finished chunk, plus run.json: the
+    settings they were made with, so that a resume never mixes two different runs."""
+
+    def __init__(self, directory: Path, settings: dict[str, Any]):
+        self.directory = directory
+        self.writer = jax.process_index() == 0
+        settings_file = directory / "run.json"
+        if settings_file.is_file():
+            previous = json.loads(settings_file.read_text())
+            changed = sorted(k for k in set(previous) | set(settings)
+                             if previous.get(k) != settings.get(k))
+            if changed:
+                raise ValueError(
+                    f"{directory} holds chunks of a different run (settings {changed} differ: "
+                    f"{ {k: previous.get(k) for k in changed} } then, "
+                    f"{ {k: settings.get(k) for k in changed} } now); use another --out or "
+                    f"delete it")
+        elif self.writer:
+            directory.mkdir(parents=True, exist_ok=True)
+            settings_file.write_text(json.dumps(settings, indent=2) + "\n")
+
+    def path(self, chunk: int) -> Path:
+        return self.directory / f"{chunk:06d}.npz"
+
+    def done(self, chunk: int) -> bool:
+        return self.path(chunk).is_file()
+
+    def load(self, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+        with np.load(self.path(chunk)) as data:
+            return data["samples"], data["labels"]
+
+    def save(self, chunk: int, samples: np.ndarray, labels: np.ndarray):
+        if not self.writer:
+            return
+        tmp = self.path(chunk).with_suffix(".tmp")
+        with open(tmp, "wb") as f:  # an open file: np.savez would append ".npz" to a path
+            np.savez(f, samples=samples, labels=labels)
+        os.replace(tmp, self.path(chunk))  # atomic: a chunk file is complete or absent
+
+
+def save_png(path: Path, image: np.ndarray):
+    Image.fromarray(image).save(path)
+
+
+def make_grid(images: np.ndarray, padding: int = 2) -> np.ndarray:
+    """Images (N, H, W, 3) uint8 tiled in ceil(sqrt(N)) columns with black padding."""
+    n, h, w, c = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.zeros((rows * (h + padding) + padding, cols * (w + padding) + padding, c), np.uint8)
+    for i, image in enumerate(images):
+        r, col = divmod(i, cols)
+        top, left = padding + r * (h + padding), padding + col * (w + padding)
+        grid[top:top + h, left:left + w] = image
+    return grid
+
+
+def write_npz(path: Path, store: ChunkStore, chunks: Sequence[int], labels: np.ndarray):
+    """The .npz of np.savez(path, arr_0=all samples, arr_1=labels), streamed chunk by chunk."""
+    first = store.load(chunks[0])[0]
+    header = {"descr": np.lib.format.dtype_to_descr(first.dtype), "fortran_order": False,
+              "shape": (len(labels), *first.shape[1:])}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, header)  # as np.save writes it
+            for chunk in chunks:
+                f.write(np.ascontiguousarray(store.load(chunk)[0]).tobytes())
+        buffer = io.BytesIO()
+        np.lib.format.write_array(buffer, np.asarray(labels))
+        zf.writestr("arr_1.npy", buffer.getvalue())
+    os.replace(tmp, path)
+
+
+def load_vae_decoder(spec: str) -> Decoder:
+    """The diffusers-format VAE `spec` (folder, hub id, or "ema"/"mse"), decoding in float32."""
+    from dit_jax.models.vae import decode_latents
+    from dit_jax.port.vae import load_vae
+
+    vae = load_vae(VAE_SHORTHANDS.get(spec, spec))
+    return Decoder(module=vae, decode=decode_latents, scale_factor=vae.scale_factor,
+                   latent_channels=vae.latent_channels)
+
+
+def check_model(model: DiT, image_size: int | None, decoder: Decoder | None):
+    """The DiT against the decoder's latents and the requested image size (pixels)."""
+    cfg = model.config
+    if decoder is not None and cfg.in_channels != decoder.latent_channels:
+        raise ValueError(f"the DiT has {cfg.in_channels} input channels but the VAE's latents have "
+                         f"{decoder.latent_channels}")
+    images = writes_images(model, decoder)
+    if not images:
+        log.warning("no VAE for a %d-channel model: writing latents, not images", cfg.in_channels)
+    if image_size is None:
+        return
+    latent = (cfg.input_size,) * 2 if isinstance(cfg.input_size, int) else tuple(cfg.input_size)
+    # Latent output keeps the pixel size of the official VAE it would be decoded with.
+    factor = decoder.scale_factor if decoder is not None else (1 if images else 8)
+    if latent != (image_size // factor,) * 2 or image_size % factor:
+        raise ValueError(f"--image-size {image_size} does not match the model: its input is "
+                         f"{latent[0]}x{latent[1]}, i.e. {latent[0] * factor}x"
+                         f"{latent[1] * factor} px")
+
+
+def sample(request: SampleRequest, *, mesh: Mesh | None = None, model: DiT | None = None,
+           decoder: Decoder | None = None) -> dict[str, Any]:
+    """Run `request`; `mesh` defaults to every device of every host, `model` / `decoder` to what
+    request.ckpt / request.vae name. Returns the paths written and the sample labels."""
+    from dit_jax.port.dit import load_any
+
+    mesh = mesh if mesh is not None else make_mesh()
+    if model is None:
+        model = load_any(request.ckpt, name=request.model, dtype=request.dtype)
+    cfg = model.config
+    if decoder is None and request.vae.lower() != "none":
+        decoder = load_vae_decoder(request.vae)
+    check_model(model, request.image_size, decoder)
+    images = writes_images(model, decoder)
+    bad = [y for y in request.labels or () if cfg.num_classes and not 0 <= y < cfg.num_classes]
+    if bad:
+        raise ValueError(f"label {bad[0]} is out of range: the model has {cfg.num_classes} classes")
+    if cfg.num_classes == 0 and request.cfg_scale != 1.0:
+        log.warning("the model is unconditional: sampling without guidance")
+
+    out = Path(request.out)
+    settings = {k: v for k, v in dataclasses.asdict(request).items() if k not in ("out", "npz")}
+    settings["labels"] = list(request.labels) if request.labels is not None else None
+    store = ChunkStore(out / "chunks", settings)
+    chunks = range(request.num_chunks)
+    todo = [c for c in chunks if not store.done(c)]
+    sampler = None
+    png_dir = out / "samples"
+    progress = tqdm(total=request.total, unit="sample", disable=jax.process_index() != 0,
+                    initial=request.total - sum(request.chunk_size(c) for c in todo))
+    for chunk in todo:
+        if sampler is None:  # compiled only when something is left to do
+            sampler = ChunkSampler(
+                model, mesh=mesh, batch_size=request.batch_size, seed=request.seed,
+                sampler=request.sampler, steps=request.steps, cfg_scale=request.cfg_scale,
+                guidance_channels=request.guidance_channels, decoder=decoder)
+        labels = chunk_labels(request, cfg.num_classes, chunk)
+        samples = sampler(chunk, labels)
+        if images and jax.process_index() == 0:
+            png_dir.mkdir(parents=True, exist_ok=True)
+            for i, image in enumerate(samples, chunk * request.batch_size):
+                save_png(png_dir / f"{i:06d}.png", image)
+        store.save(chunk, samples, labels)  # after the PNGs: a saved chunk is a finished chunk
+        progress.update(len(labels))
+    progress.close()
+
+    # Recomputed rather than read back: only host 0 writes, and the other hosts need not wait.
+    labels = np.concatenate([chunk_labels(request, cfg.num_classes, c) for c in chunks])
+    written = {"labels": labels, "chunks": store.directory}
+    if jax.process_index() != 0:
+        return written
+    if images:
+        grid_chunks = chunks[:math.ceil(GRID_MAX / request.batch_size)]
+        firsts = np.concatenate([store.load(c)[0] for c in grid_chunks])
+        written["grid"] = out / "grid.png"
+        save_png(written["grid"], make_grid(firsts[:GRID_MAX]))
+        written["samples"] = png_dir
+        if request.npz:
+            written["npz"] = Path(request.npz)
+            write_npz(written["npz"], store, list(chunks), labels)
+    else:
+        written["npz"] = Path(request.npz) if request.npz else out / "latents.npz"
+        write_npz(written["npz"], store, list(chunks), labels)
+    return written

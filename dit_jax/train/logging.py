@@ -1,0 +1,146 @@
+"""What a run reports: a JSONL log and TensorBoard events in the workdir, a progress bar, and
+throughput / MFU (SPEC §4). Only host 0 writes; the other hosts' writers do nothing.
+
+    WORKDIR/log.jsonl        one JSON object per logged step:
+                             step, loss, mse, vb, grad_norm, lr, steps_per_sec, images_per_sec,
+                             mfu (null where no peak is known, e.g. on CPU), time
+    WORKDIR/tensorboard/     the same scalars as TensorBoard events
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+from tqdm import tqdm
+
+from dit_jax.flops import peak_flops_per_device
+
+LOG_FILE = "log.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+
+def read_log(workdir: str | Path) -> list[dict[str, Any]]:
+    path = Path(workdir) / LOG_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class MetricWriter:
+    """JSONL + TensorBoard. On resume from step s, entries after s (written by the interrupted
+    run, and about to be written again) are dropped, so the log reads as one uninterrupted run."""
+
+    def __init__(self, workdir: str | Path, *, resume_step: int = 0, enabled: bool = True,
+                 tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = Path(workdir) / LOG_FILE
+        self._tb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            kept = [r for r in read_log(workdir) if r.get("step", 0) <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self._file = self.path.open("a")
+        if tensorboard:
+            self._tb = _summary_writer_class()(str(Path(workdir) / TENSORBOARD_DIR))
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step)}
+        record.update({k: _json_number(v) for k, v in metrics.items()})
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if key != "step" and value is not None:
+                    self._tb.add_scalar(f"train/{key}", value, step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._file.close()
+            if self._tb is not None:
+                self._tb.close()
+
+
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without PyTorch: tensorboardX imports torch when it
+    is installed only to accept torch tensors (seconds of start-up), and this writer logs floats."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # makes `import torch` raise ImportError, which it handles
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
+def _json_number(value):
+    if value is None:
+        return None
+    value = float(value)
+    # JSON has no NaN/inf; a non-finite loss is logged as its string.
+    return value if math.isfinite(value) else str(value)
+
+
+class Progress:
+    """A tqdm bar on host 0: steps with ETA, and the latest loss and throughput."""
+
+    def __init__(self, total: int, initial: int, enabled: bool = True):
+        self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                        disable=not enabled, smoothing=0.1)
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def show(self, metrics: dict[str, Any]) -> None:
+        shown = {"loss": f"{metrics['loss']:.4f}"}
+        if metrics.get("steps_per_sec") is not None:
+            shown["steps/s"] = f"{metrics['steps_per_sec']:.2f}"
+            shown["img/s"] = f"{metrics['images_per_sec']:.1f}"
+        if metrics.get("mfu") is not None:
+            shown["mfu"] = f"{100 * metrics['mfu']:.1f}%"
+        self.bar.set_postfix(shown, refresh=False)
+
+    def write(self, message: str) -> None:
+        self.bar.write(message)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class Throughput:
+    """Steps/s, images/s and MFU over a window of steps, timed between host syncs."""
+
+    def __init__(self, *, global_batch_size: int, flops_per_image: float, num_devices: int,
+                 peak_tflops_override: float = 0.0):
+        device = jax.devices()[0]
+        self.global_batch_size = global_batch_size
+        self.flops_per_image = flops_per_image
+        per_device = peak_flops_per_device(device.device_kind, device.platform, peak_tflops_override)
+        self.peak = None if per_device is None else per_device * num_devices
+        self.restart(0)
+
+    def restart(self, step: int) -> None:
+        """Begin a window at `step` (after a sync, so the clock covers only the steps after it)."""
+        self._start_step, self._start_time = step, time.perf_counter()
+
+    def measure(self, step: int) -> dict[str, float | None]:
+        steps = step - self._start_step
+        seconds = max(time.perf_counter() - self._start_time, 1e-9)
+        if steps <= 0:  # no step timed yet (the first, compiling step is never timed)
+            return {"steps_per_sec": None, "images_per_sec": None, "mfu": None}
+        steps_per_sec = steps / seconds
+        images_per_sec = steps_per_sec * self.global_batch_size
+        mfu = None if self.peak is None else images_per_sec * self.flops_per_image / self.peak
+        return {"steps_per_sec": steps_per_sec, "images_per_sec": images_per_sec, "mfu": mfu}

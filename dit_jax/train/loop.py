@@ -1,0 +1,512 @@
+"""The training loop: `train(config, workdir)`, one program on every host.
+
+Read top to bottom, a run:
+1. builds the data source and the model config from the training config;
+2. builds the mesh over every device of every host (axes data, fsdp, tensor; SPEC §5);
+3. restores the newest readable checkpoint of the workdir, or creates a fresh state (random or
+   `init_from` weights) directly in its sharded layout;
+4. compiles the train step once for the state's and the batch's shardings;
+5. loops: this host loads its rows of the global batch, the rows become one global array, the
+   step runs; every `log_every` steps the metrics are fetched, checked and written; every
+   `checkpoint_every` steps a checkpoint is saved (asynchronously); every `sample_every` steps a
+   grid of EMA samples is written; on SIGTERM (or a multi-host preemption notice) a checkpoint
+   of the current step is saved and the run stops.
+
+Metrics are fetched from the devices only at those points, so the host runs ahead of the devices
+in between. Every checkpoint is preceded by such a fetch, and a non-finite loss or gradient norm
+in any step since the previous fetch stops the run (`NonFiniteLossError`) before anything is
+saved: the newest checkpoint is always one whose every step had a finite loss. The logged loss,
+mse, vb and grad_norm are means over the steps since the previous log line; lr is that of the
+logged step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from dit_jax.data import make_batches, make_source
+from dit_jax.data.folder import save_class_mapping
+from dit_jax.diffusion import create_diffusion
+from dit_jax.flops import train_flops_per_image
+from dit_jax.models.dit import DiTConfig, convert_blocks
+from dit_jax.sharding import batch_sharding, make_mesh, state_shardings
+from dit_jax.train.checkpoint import Checkpoints, write_run_config
+from dit_jax.train.logging import MetricWriter, Progress, Throughput
+from dit_jax.train.state import (abstract_train_state, create_train_state,
+                                 make_optimizer, model_buffers, model_config_from, split_model,
+                                 train_state_shardings)
+from dit_jax.train.step import StepConfig, jit_train_step, make_train_step
+
+log = logging.getLogger(__name__)
+
+SAMPLES_DIR = "samples"
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: schedulers treat the job as interrupted, not done
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A step produced a NaN or infinite loss or gradient norm; the run stopped without saving."""
+
+
+def train(config, workdir: str | os.PathLike) -> dict[str, Any]:
+    """Train (or resume) the run of `config` in `workdir`. Returns {"step": the last step,
+    "status": "completed" | "preempted", "metrics": the last logged metrics}."""
+    workdir = Path(workdir).absolute()
+    config = config.copy_and_resolve_references()  # resolved below; the caller's stays as given
+
+    # 1. Data and model.
+    pixel_space = config.vae == "none"
+    side = config.data.image_size if pixel_space else config.data.image_size // 8
+    channels = 3 if pixel_space else 4
+    if config.data.source == "builtin" and not pixel_space:
+        raise ValueError("the builtin data is pixel-space: set --config.vae=none")
+    if config.data.source == "latents" and pixel_space:
+        raise ValueError("data.source=latents holds VAE latents: set --config.vae to the VAE they "
+                         "were extracted with (their manifest.json names it)")
+    # An image folder with a VAE: the images are encoded inside the train step.
+    vae = None
+    if config.data.source == "folder" and not pixel_space:
+        vae = load_training_vae(config.vae)
+        side, channels = config.data.image_size // vae.scale_factor, vae.latent_channels
+    source = make_source(config.data, model_input=(side, side, channels),
+                         num_classes=config.model.num_classes if config.model.num_classes >= 0 else 1000)
+    expected = (side, side, channels) if vae is None else (config.data.image_size,) * 2 + (3,)
+    if tuple(source.element_shape) != expected:
+        raise ValueError(f"the data source yields {source.element_shape}, the model expects "
+                         f"{expected}")
+    if config.data.source == "latents" and source.manifest["vae"] != config.vae:
+        log.warning("the latents were extracted with VAE %r, this run decodes samples with %r",
+                    source.manifest["vae"], config.vae)
+    num_classes = config.model.num_classes if config.model.num_classes >= 0 else source.num_classes
+    if 0 < num_classes < source.num_classes:
+        raise ValueError(f"model.num_classes={num_classes}, but the data has {source.num_classes} "
+                         f"classes (set -1 to follow the data)")
+    if getattr(source, "class_names", None) and jax.process_index() == 0:
+        save_class_mapping(workdir, source.class_names)
+    config.model.num_classes = num_classes
+    model_cfg = model_config_from(config, num_classes=num_classes, in_channels=channels,
+                                  input_size=side)
+
+    # 2. Mesh.
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    _check_batch(config, mesh)
+    with jax.set_mesh(mesh):
+        return _run(config, workdir, source, model_cfg, mesh, vae)
+
+
+def _run(config, workdir: Path, source, model_cfg: DiTConfig, mesh: Mesh, vae=None
+         ) -> dict[str, Any]:
+    host0 = jax.process_index() == 0
+    total_steps = int(config.total_steps)
+    global_batch = int(config.global_batch_size)
+    write_run_config(workdir, config, model_cfg)
+
+    # 3. State: resume, or start fresh.
+    tx, schedule = make_optimizer(config.optim, total_steps)
+    diffusion = create_diffusion("", noise_schedule=config.diffusion.noise_schedule,
+                                 learn_sigma=model_cfg.learn_sigma,
+                                 diffusion_steps=int(config.diffusion.diffusion_steps))
+    graphdef, _, _ = split_model(model_cfg)
+    abstract = abstract_train_state(model_cfg, tx)
+    shardings = train_state_shardings(abstract, mesh)
+    buffers = model_buffers(model_cfg, mesh)
+    checkpoints = Checkpoints(workdir, keep=config.keep_checkpoints, keep_every=config.keep_every,
+                              async_save=config.get("async_checkpointing", True))
+    restored = checkpoints.restore(abstract, shardings)
+    if restored is not None:
+        state, data_state = restored
+        log.info("resuming from checkpoint %d in %s", int(state.step), checkpoints.directory)
+    else:
+        state = create_train_state(model_cfg, tx, mesh, seed=int(config.seed),
+                                   init_params=_initial_params(config, model_cfg))
+        data_state = None
+    start = int(jax.device_get(state.step))
+
+    rows = host_batch_rows(mesh, global_batch)
+    log.info("process %d of %d: %d of %d devices, mesh %s; loads rows [%d, %d) of each batch",
+             jax.process_index(), jax.process_count(), jax.local_device_count(), mesh.size,
+             dict(mesh.shape), *rows)
+    batches = make_batches(source, global_batch_size=global_batch, seed=int(config.seed),
+                           host_rows=rows, num_workers=int(config.data.get("num_workers", 0)))
+    if data_state is not None:
+        batches.set_state(data_state)
+    if batches.next_batch != start:
+        raise RuntimeError(f"data iterator is at batch {batches.next_batch} but the state at step {start}")
+
+    # 4. The step, compiled once.
+    step_config = StepConfig(ema_decay=float(config.optim.ema_decay),
+                             accum_steps=int(config.optim.accum_steps))
+    encoder, step_buffers = None, buffers
+    if vae is not None:
+        vae_graphdef, vae_weights = nnx.split(vae)
+        step_buffers = (buffers, jax.device_put(vae_weights, state_shardings(vae_weights, mesh)))
+        encoder = _latent_encoder(vae_graphdef)
+    train_step = jit_train_step(
+        make_train_step(graphdef, diffusion, tx, schedule, step_config, mesh, encoder=encoder),
+        shardings, state_shardings(step_buffers, mesh), mesh,
+        batch_ndim=1 + len(source.element_shape))
+    batch_shape = {"x": (global_batch,) + tuple(source.element_shape), "y": (global_batch,)}
+    train_step = train_step.lower(
+        shardings_to_abstract(abstract, shardings), step_buffers,
+        {k: jax.ShapeDtypeStruct(s, jnp.float32 if k == "x" else jnp.int32,
+                                 sharding=batch_sharding(mesh, len(s)))
+         for k, s in batch_shape.items()}).compile()
+    grids = (SampleGrids(graphdef, model_cfg, config, mesh, workdir)
+             if config.sample_every and config.sample_every > 0 else None)
+
+    # 5. The loop.
+    writer = MetricWriter(workdir, resume_step=start, enabled=host0)
+    progress = Progress(total_steps, start, enabled=host0)
+    throughput = Throughput(global_batch_size=global_batch,
+                            flops_per_image=train_flops_per_image(model_cfg),
+                            num_devices=mesh.size,
+                            peak_tflops_override=float(config.get("peak_tflops", 0.0)))
+    preemption = Preemption(checkpoints)
+    pending: list[tuple[int, dict]] = []  # metrics on device, not yet fetched
+    window: list[tuple[int, dict]] = []  # fetched, not yet logged
+    last_logged: dict[str, Any] = {}
+    skipped = getattr(batches, "skipped", 0)  # unreadable images, as restored
+    status = "completed"
+    step = start
+    try:
+        while step < total_steps:
+            batch = assemble_batch(next(batches), mesh, global_batch)
+            state, metrics = train_step(state, step_buffers, batch)
+            step += 1
+            pending.append((step, metrics))
+            progress.update()
+            if step == start + 1:
+                # The first step's time is mostly compilation; keep it out of the throughput.
+                jax.block_until_ready(metrics)
+                throughput.restart(step)
+
+            preempted = preemption.reached(step)
+            log_now = step % config.log_every == 0 or step == total_steps
+            save_now = step % config.checkpoint_every == 0 or step == total_steps or preempted
+            sample_now = grids is not None and step % config.sample_every == 0
+            if log_now or save_now or sample_now:
+                window += fetch_and_check(pending, checkpoints)
+                pending = []
+            if log_now or save_now:
+                skipped = report_skipped(batches, skipped)
+            if log_now:
+                last_logged = summarize(window, throughput.measure(step))
+                if hasattr(batches, "sync_skipped"):
+                    last_logged["skipped"] = skipped
+                writer.write(step, last_logged)
+                progress.show(last_logged)
+                window = []
+                throughput.restart(step)
+            if save_now:
+                checkpoints.save(state, data_state=batches.get_state(), model_config=model_cfg)
+            if sample_now:
+                path = grids(step, state.ema, buffers)
+                if path is not None:
+                    progress.write(f"step {step}: samples in {path}")
+            if save_now or sample_now:
+                throughput.restart(step)
+            if preempted:
+                status = "preempted"
+                progress.write(f"preempted: saved checkpoint {step}, stopping")
+                break
+    finally:
+        # Only good states were ever handed to the checkpointer: let the saves in flight finish.
+        checkpoints.wait()
+        checkpoints.close()
+        if hasattr(batches, "close"):
+            batches.close()
+        preemption.close()
+        progress.close()
+        writer.close()
+    return {"step": step, "status": status, "metrics": last_logged}
+
+
+# --------------------------------------------------------------------------------------------
+# Pieces of the loop
+
+
+def load_training_vae(spec: str):
+    """The VAE that encodes images inside the train step (float32, as released)."""
+    from dit_jax.port.vae import load_vae
+    from dit_jax.sampling import VAE_SHORTHANDS
+    return load_vae(VAE_SHORTHANDS.get(spec, spec))
+
+
+def report_skipped(batches, reported: int) -> int:
+    """The unreadable images skipped so far on all hosts (a collective: every host calls it at
+    the same steps), with a warning when there are new ones since `reported`."""
+    if not hasattr(batches, "sync_skipped"):
+        return reported
+    total = batches.sync_skipped()
+    if total > reported:
+        log.warning("%d unreadable image(s) skipped so far, each replaced by the next readable "
+                    "one (the warnings above name the files)", total)
+    return total
+
+
+def _check_batch(config, mesh: Mesh) -> None:
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    batch, accum = int(config.global_batch_size), int(config.optim.accum_steps)
+    if batch % (shards * accum):
+        raise ValueError(
+            f"global_batch_size {batch} must be divisible by data × fsdp = {shards} times "
+            f"optim.accum_steps = {accum} (every microbatch is split over the batch devices)")
+
+
+def host_batch_rows(mesh: Mesh, global_batch: int) -> tuple[int, int]:
+    """The rows [lo, hi) of the global batch that this host's devices hold."""
+    index_map = batch_sharding(mesh, 1).addressable_devices_indices_map((global_batch,))
+    ranges = sorted({(s[0].start or 0, global_batch if s[0].stop is None else s[0].stop)
+                     for s in index_map.values()})
+    lo, hi = ranges[0][0], ranges[-1][1]
+    if sum(b - a for a, b in ranges) != hi - lo:
+        raise ValueError(f"this host's batch rows {ranges} are not contiguous for mesh {mesh.shape}")
+    return lo, hi
+
+
+def assemble_batch(local: dict[str, np.ndarray], mesh: Mesh, global_batch: int) -> dict[str, jax.Array]:
+    """One global array per field from every host's rows."""
+    return {key: jax.make_array_from_process_local_data(
+        batch_sharding(mesh, value.ndim), value, (global_batch,) + value.shape[1:])
+        for key, value in local.items()}
+
+
+def shardings_to_abstract(abstract, shardings):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)
+
+
+def fetch_and_check(pending: list[tuple[int, dict]], checkpoints: Checkpoints
+                    ) -> list[tuple[int, dict]]:
+    """Host copies of the pending metrics; raises NonFiniteLossError at the first bad step."""
+    fetched = jax.device_get(pending)
+    for step, metrics in fetched:
+        bad = {k: float(metrics[k]) for k in ("loss", "grad_norm") if not np.isfinite(metrics[k])}
+        if bad:
+            checkpoints.wait()
+            latest = checkpoints.latest_step()
+            raise NonFiniteLossError(
+                f"non-finite {', '.join(f'{k}={v}' for k, v in bad.items())} at step {step}; "
+                f"stopping without saving. The last good checkpoint is "
+                f"{'step ' + str(latest) if latest is not None else 'none'} in "
+                f"{checkpoints.directory}. Lower the learning rate or enable optim.grad_clip "
+                f"before resuming.")
+    return [(s, {k: float(v) for k, v in m.items()}) for s, m in fetched]
+
+
+def summarize(window: list[tuple[int, dict]], rates: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key in window[-1][1]:
+        values = [m[key] for _, m in window]
+        out[key] = values[-1] if key == "lr" else float(np.mean(values))
+    out.update(rates)
+    out["time"] = time.time()
+    return out
+
+
+class Preemption:
+    """Whether to stop and save now. One process: a SIGTERM sets a flag (the handler is
+    installed for the run and removed after). Several processes: JAX's preemption sync point,
+    which agrees on one step for all hosts (a signal arriving at the hosts at different steps
+    must not make them save different steps)."""
+
+    def __init__(self, checkpoints: Checkpoints):
+        self.checkpoints = checkpoints
+        self.flag = False
+        self.previous = None
+        self.multi_process = jax.process_count() > 1
+        if not self.multi_process:
+            try:
+                self.previous = signal.signal(signal.SIGTERM, self._handle)
+            except ValueError:  # not the main thread: no handler, no preemption saves
+                self.previous = None
+
+    def _handle(self, signum, frame):
+        self.flag = True
+
+    def reached(self, step: int) -> bool:
+        if self.multi_process:
+            return self.checkpoints.manager.reached_preemption(step)
+        return self.flag
+
+    def close(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+            self.previous = None
+
+
+def _initial_params(config, model_cfg: DiTConfig) -> nnx.State | None:
+    """Weights to fine-tune from (`init_from`: anything `dit_jax.port.load_any` reads), checked
+    against the model of this run; None to start from random weights."""
+    spec = config.get("init_from", "")
+    if not spec:
+        return None
+    from dit_jax.port import load_any  # heavy (PyTorch readers); only fine-tuning needs it
+
+    model = load_any(spec)
+    if model.config.scan_blocks != model_cfg.scan_blocks:
+        model = convert_blocks(model, scan_blocks=model_cfg.scan_blocks)
+    params = nnx.state(model, nnx.Param)
+    _, expected, _ = split_model(model_cfg)
+    got = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
+    if got != want:
+        diff = sorted(set(got.items()) ^ set(want.items()))[:6]
+        raise ValueError(f"init_from {spec!r} does not fit the model of this run "
+                         f"(first differences, as (name, shape): {diff})")
+    return params
+
+
+# --------------------------------------------------------------------------------------------
+# Sample grids
+
+
+class SampleGrids:
+    """Class-conditional samples from the EMA weights with classifier-free guidance, written to
+    WORKDIR/samples/step_<step>.png (a grid) and .npz (images uint8 and labels). The labels cycle
+    through the classes and the initial noise is the same every time, so successive grids show
+    the same draws as training proceeds."""
+
+    def __init__(self, graphdef, model_cfg: DiTConfig, config, mesh: Mesh, workdir: Path):
+        from dit_jax import diffusion as diff
+        from dit_jax.sampling import diffusion_for, guided_model_fn, to_uint8
+
+        s = config.sample
+        n = int(s.num_images)
+        classes = max(model_cfg.num_classes, 1)
+        self.labels = np.arange(n, dtype=np.int32) % classes
+        self.directory = workdir / SAMPLES_DIR
+        self.mesh = mesh
+        loops = {"ddpm": diff.p_sample_loop, "ddim": diff.ddim_sample_loop,
+                 "dpm++": diff.dpmpp_2m_sample_loop}
+        if s.sampler not in loops:
+            raise ValueError(f"sample.sampler must be one of {sorted(loops)}, got {s.sampler!r}")
+        sample_loop = loops[s.sampler]
+        diffusion = diffusion_for(s.sampler, int(s.steps))
+        side = model_cfg.input_size
+        shape = (n, side, side, model_cfg.in_channels)
+        decoder = None
+        if config.vae != "none":
+            from dit_jax.sampling import load_vae_decoder
+            decoder = load_vae_decoder(config.vae)
+        key = jax.random.fold_in(jax.random.key(int(config.seed)), 2)
+        cfg_scale = float(s.cfg_scale)
+
+        # Split over the batch devices when the count allows, else computed replicated.
+        rows = (batch_sharding(mesh, 4) if n % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0
+                else NamedSharding(mesh, P()))
+        modules = {}
+        if decoder is not None:
+            vae_graphdef, modules["vae"] = nnx.split(decoder.module)
+            self.vae_weights = jax.device_put(modules["vae"], state_shardings(modules["vae"], mesh))
+
+        clip_range = 1.0 if s.get("clip_denoised", False) else None
+        base = create_diffusion("", noise_schedule=config.diffusion.noise_schedule,
+                                diffusion_steps=int(config.diffusion.diffusion_steps))
+
+        def run(ema, buffers, vae_weights, labels):
+            noise_key, step_key = jax.random.split(key)
+            x_T = jax.lax.with_sharding_constraint(jax.random.normal(noise_key, shape), rows)
+            model = nnx.merge(graphdef, ema, buffers)
+            model_fn = guided_model_fn(model, labels, cfg_scale, "3")
+            if clip_range is not None:
+                model_fn = clip_denoised(model_fn, base, model_cfg.in_channels, clip_range)
+            x = sample_loop(diffusion, model_fn, x_T, step_key)
+            if decoder is not None:
+                x = decoder.decode(nnx.merge(vae_graphdef, vae_weights), x)
+            return to_uint8(x)
+
+        self._run = jax.jit(run, out_shardings=NamedSharding(mesh, P()))
+        if decoder is None:
+            self.vae_weights = None
+
+    def __call__(self, step: int, ema, buffers) -> Path | None:
+        from dit_jax.sampling import make_grid
+
+        labels = jax.device_put(self.labels, NamedSharding(self.mesh, P()))
+        out = self._run(ema, buffers, self.vae_weights, labels)
+        images = np.asarray(out.addressable_data(0))  # replicated: every host has all of it
+        if jax.process_index() != 0:
+            return None
+        from PIL import Image
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / f"step_{step:07d}.png"
+        Image.fromarray(make_grid(images)).save(path)
+        np.savez(path.with_suffix(".npz"), images=images, labels=self.labels)
+        return path
+
+
+def clip_denoised(model_fn, diffusion, channels: int, limit: float = 1.0):
+    """model_fn whose ε is re-derived from x̂0 clipped to [-limit, limit]: the `clip_denoised=True`
+    of the ADM samplers (DDPM's posterior mean and DDIM's step both follow from x̂0, and ε from
+    the clipped x̂0 reproduces it). For pixel-space data, which lives in [-1, 1]; the official DiT
+    samples unbounded latents and does not clip. `diffusion` is the unrespaced process: the model
+    sees original timesteps."""
+    sqrt_ab = jnp.asarray(diffusion.sqrt_alphas_cumprod, jnp.float32)
+    sqrt_1m_ab = jnp.asarray(diffusion.sqrt_one_minus_alphas_cumprod, jnp.float32)
+
+    def wrapped(x, t):
+        out = model_fn(x, t)
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        a, b = sqrt_ab[t].reshape(shape), sqrt_1m_ab[t].reshape(shape)
+        x0 = jnp.clip((x - b * out[..., :channels]) / a, -limit, limit)
+        return jnp.concatenate([(x - a * x0) / b, out[..., channels:]], axis=-1)
+
+    return wrapped
+
+
+# --------------------------------------------------------------------------------------------
+# Several hosts
+
+
+def initialize_distributed(mode: str = "auto", *, coordinator_address: str | None = None,
+                           num_processes: int | None = None, process_id: int | None = None) -> bool:
+    """Call `jax.distributed.initialize` when this process is one of several.
+
+    mode "on": always (arguments left None are auto-detected by JAX: SLURM, Open MPI, Cloud TPU,
+    Kubernetes); "off": never; "auto": when arguments are given or the environment shows a
+    multi-process launch (JAX_COORDINATOR_ADDRESS, SLURM with more than one task, Open MPI with
+    more than one rank, a multi-worker TPU slice). Returns whether it initialised.
+    """
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"distributed mode must be auto, on or off, got {mode!r}")
+    if mode == "off":
+        return False
+    env = os.environ
+    launched_as_many = (
+        coordinator_address is not None or (num_processes or 1) > 1
+        or "JAX_COORDINATOR_ADDRESS" in env
+        or int(env.get("SLURM_NTASKS", env.get("SLURM_STEP_NUM_TASKS", "1"))) > 1
+        or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+        or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+        or "MEGASCALE_COORDINATOR_ADDRESS" in env)
+    if mode == "auto" and not launched_as_many:
+        return False
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
+    return True
+
+
+__all__ = ["NonFiniteLossError", "PREEMPTED_EXIT_CODE", "SampleGrids", "assemble_batch",
+           "host_batch_rows", "initialize_distributed", "train"]
+
+
+def _latent_encoder(vae_graphdef):
+    """`encoder(vae_weights, images, key) -> latents` for encoding inside the train step."""
+    from dit_jax.models.vae import encode_to_latents
+
+    def encoder(weights, images, key):
+        return encode_to_latents(nnx.merge(vae_graphdef, weights), images, key)
+
+    return encoder

@@ -1,0 +1,193 @@
+"""The train state (parameters, EMA, optimiser state, step, RNG), the optimiser, and the model
+built from a training config.
+
+The state is a plain pytree of arrays (nnx `State`s of `Param`s keep the model's logical-axis
+metadata, so `dit_jax.sharding.state_shardings` lays the parameters, the EMA and the Adam moments
+out identically). The model's graph (`graphdef`) and its fixed buffers (the sin-cos position
+table) live outside the state: they never change and are not checkpointed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from dit_jax.models.dit import DIT_CONFIGS, DiT, DiTConfig
+from dit_jax.sharding import state_shardings
+
+# Independent streams derived from the run seed (the data order uses the seed directly).
+_INIT_STREAM, _STEP_STREAM = 0, 1
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: the number of updates applied
+    params: nnx.State  # float32 master weights
+    ema: nnx.State  # float32, same layout as params
+    opt_state: Any
+    rng: jax.Array  # uint32 key data; the key of step s is fold_in(rng, s)
+
+
+# --------------------------------------------------------------------------------------------
+# The model of a run
+
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def model_config_from(config, *, num_classes: int, in_channels: int, input_size: int
+                      ) -> DiTConfig:
+    """The DiTConfig of a training config: the named official size (`model.name`, e.g.
+    "DiT-XL/2") with any of hidden_size/depth/num_heads/patch_size replacing it, or those four
+    alone when the name is empty. The input (side, channels) and class count come from the data."""
+    m = config.model
+    fields: dict[str, Any] = {}
+    if m.name:
+        if m.name not in DIT_CONFIGS:
+            raise ValueError(f"unknown model {m.name!r}; choose one of {sorted(DIT_CONFIGS)}")
+        fields.update(DIT_CONFIGS[m.name])
+    for key in ("hidden_size", "depth", "num_heads", "patch_size"):
+        if m.get(key) is not None:
+            fields[key] = int(m[key])
+    missing = [k for k in ("hidden_size", "depth", "num_heads", "patch_size") if k not in fields]
+    if missing:
+        raise ValueError(f"model.name is empty, so model.{', model.'.join(missing)} must be set")
+    if m.dtype not in _DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {m.dtype!r}")
+    return DiTConfig(
+        input_size=input_size, in_channels=in_channels, num_classes=num_classes,
+        class_dropout_prob=float(m.class_dropout_prob), learn_sigma=bool(m.learn_sigma),
+        dtype=_DTYPES[m.dtype], attention_impl=m.attention_impl, remat=bool(m.remat),
+        scan_blocks=bool(m.scan_blocks), **fields)
+
+
+def split_model(cfg: DiTConfig):
+    """(graphdef, abstract params, abstract buffers) without allocating the weights."""
+    # jax.eval_shape rather than nnx.eval_shape: the latter turns logical axis names into mesh
+    # axes when a mesh is set, which they are not (the rules in dit_jax.sharding map them).
+    graphdefs = []
+
+    def build():
+        graphdef, params, buffers = nnx.split(DiT(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+        graphdefs.append(graphdef)
+        return params, buffers
+
+    params, buffers = jax.eval_shape(build)
+    return graphdefs[0], params, buffers
+
+
+def model_buffers(cfg: DiTConfig, mesh: Mesh) -> nnx.State:
+    """The model's non-trained variables, replicated on `mesh`. The construction is jitted and
+    returns only the buffers, so XLA drops the (unused) random initialisation of the weights."""
+    _, _, abstract = split_model(cfg)
+    shardings = state_shardings(abstract, mesh)
+    return jax.jit(lambda: nnx.split(DiT(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)[2],
+                   out_shardings=shardings)()
+
+
+# --------------------------------------------------------------------------------------------
+# Optimiser
+
+
+def make_schedule(optim, total_steps: int):
+    """Learning rate as a function of the update index (0 for the first update)."""
+    lr, warmup = float(optim.lr), int(optim.warmup_steps)
+    if optim.schedule == "constant":
+        base = optax.constant_schedule(lr)
+        if warmup > 0:
+            base = optax.join_schedules(
+                [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
+    elif optim.schedule == "cosine":
+        base = optax.warmup_cosine_decay_schedule(
+            init_value=0.0, peak_value=lr, warmup_steps=warmup,
+            decay_steps=max(int(total_steps), warmup + 1),
+            end_value=lr * float(optim.get("final_lr_fraction", 0.0)))
+    else:
+        raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {optim.schedule!r}")
+    if warmup == 0:
+        return base
+    # Warmup from 0 would make the first update a no-op; count it as step 1 of the ramp instead.
+    return lambda count: base(count + 1)
+
+
+def weight_decay_mask(params: nnx.State, kind: str):
+    """Which parameters weight decay applies to: "all" (torch AdamW's default) or "matrices"
+    (weights of rank ≥ 2 only: no biases)."""
+    if kind == "all":
+        return None
+    if kind == "matrices":
+        return jax.tree.map(lambda x: x.ndim >= 2, params)
+    raise ValueError(f"optim.weight_decay_mask must be 'all' or 'matrices', got {kind!r}")
+
+
+def make_optimizer(optim, total_steps: int):
+    """(optax transformation, lr schedule). Official recipe by default: AdamW lr 1e-4, betas
+    (0.9, 0.999), weight decay 0, constant, no clipping."""
+    schedule = make_schedule(optim, total_steps)
+    mask_kind = optim.get("weight_decay_mask", "all")
+    adamw = optax.adamw(
+        schedule, b1=float(optim.b1), b2=float(optim.b2), eps=float(optim.eps),
+        weight_decay=float(optim.weight_decay),
+        mask=None if mask_kind == "all" else (lambda p: weight_decay_mask(p, mask_kind)))
+    parts = []
+    if optim.grad_clip and float(optim.grad_clip) > 0:
+        parts.append(optax.clip_by_global_norm(float(optim.grad_clip)))
+    parts.append(adamw)
+    return optax.chain(*parts), schedule
+
+
+def ema_update(ema: nnx.State, params: nnx.State, decay) -> nnx.State:
+    """ema ← decay·ema + (1 - decay)·params (the official `update_ema`), in float32."""
+    return jax.tree.map(lambda e, p: e * decay + (1.0 - decay) * p.astype(e.dtype), ema, params)
+
+
+# --------------------------------------------------------------------------------------------
+# Creating the state on a mesh
+
+
+def abstract_train_state(cfg: DiTConfig, tx: optax.GradientTransformation):
+    _, params, _ = split_model(cfg)
+    return jax.eval_shape(lambda p: _new_state(p, tx, jax.random.key(0)), params)
+
+
+def _new_state(params, tx, key) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      ema=jax.tree.map(jnp.copy, params), opt_state=tx.init(params),
+                      rng=jax.random.key_data(key))
+
+
+def train_state_shardings(abstract_state: TrainState, mesh: Mesh) -> TrainState:
+    return state_shardings(abstract_state, mesh)
+
+
+def create_train_state(cfg: DiTConfig, tx: optax.GradientTransformation, mesh: Mesh, *,
+                       seed: int, init_params: nnx.State | None = None) -> TrainState:
+    """A fresh state, created directly in its sharded layout (no full copy on any one device).
+    `init_params` (fine-tuning) replaces the random initial weights; the EMA starts as a copy of
+    the initial weights either way."""
+    shardings = train_state_shardings(abstract_train_state(cfg, tx), mesh)
+    root = jax.random.key(seed)
+    step_key = jax.random.fold_in(root, _STEP_STREAM)
+    if init_params is None:
+        def init(key):
+            model = DiT(cfg, rngs=nnx.Rngs(jax.random.fold_in(key, _INIT_STREAM)))
+            return _new_state(nnx.state(model, nnx.Param), tx, step_key)
+        return jax.jit(init, out_shardings=shardings)(root)
+    params = place(init_params, shardings.params)
+    return jax.jit(lambda p: _new_state(p, tx, step_key), out_shardings=shardings)(params)
+
+
+def place(tree, shardings):
+    """Host (or device) values → global arrays with `shardings`; every host passes the same full
+    values and keeps only its shards (works across processes, unlike a plain device_put)."""
+    def put(value, sharding):
+        value = np.asarray(value)
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+    return jax.tree.map(put, tree, shardings)

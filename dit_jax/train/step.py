@@ -1,0 +1,126 @@
+"""The train step: one update of the parameters, the optimiser state and the EMA, as a pure
+function of (state, buffers, batch), compiled once with `jax.jit` over the mesh.
+
+Everything random in a step (timesteps, noise, label dropout) is drawn for the whole global
+batch from fold_in(rng, step) before the batch is split into microbatches, so a step's result
+does not depend on the mesh, on the number of hosts, or on the number of microbatches (JAX's
+partitionable threefry draws the same bits whatever the sharding).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from dit_jax.diffusion import training_losses
+from dit_jax.sharding import BATCH_AXES, batch_sharding
+from dit_jax.train.state import TrainState, ema_update
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    ema_decay: float
+    accum_steps: int = 1
+
+
+def make_train_step(graphdef, diffusion, tx: optax.GradientTransformation, schedule: Callable,
+                    step_config: StepConfig, mesh: Mesh, encoder: Callable | None = None
+                    ) -> Callable:
+    """`train_step(state, buffers, batch) -> (state, metrics)`, not yet jitted.
+
+    batch: {"x": (B, H, W, C) float32, "y": (B,) int32}, sharded over (data, fsdp).
+    metrics: batch means of the loss and its terms, the global gradient norm (before clipping)
+    and the learning rate of this update.
+    encoder: `encoder(vae_weights, images, key) -> latents` to train on images encoded inside
+    the step (a posterior sample × scaling factor, as released); `buffers` is then the pair
+    (model buffers, VAE weights).
+    """
+    k = step_config.accum_steps
+
+    def microbatch_grads(params, buffers, micro):
+        def loss_fn(p):
+            model = nnx.merge(graphdef, p, buffers)
+            # Labels were already dropped for the whole batch, so no dropout inside the model.
+            model_fn = lambda x_t, t: model(x_t, t, micro["y"], train=False)  # noqa: E731
+            terms = training_losses(diffusion, model_fn, micro["x"], micro["t"], micro["noise"])
+            return jnp.mean(terms["loss"]), terms
+        (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return grads, terms
+
+    def train_step(state: TrainState, buffers, batch):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        t_key, noise_key, drop_key = jax.random.split(key, 3)
+        x, y = batch["x"], batch["y"]
+        if encoder is not None:
+            buffers, vae_weights = buffers
+            # A stream of its own: the other draws stay those of a run on extracted latents.
+            x = encoder(vae_weights, x, jax.random.fold_in(key, 3))
+        n = x.shape[0]
+        inputs = {
+            "x": x,
+            "y": _drop_labels(graphdef, state.params, buffers, y, drop_key),
+            "t": jax.random.randint(t_key, (n,), 0, diffusion.num_timesteps, jnp.int32),
+            "noise": jax.random.normal(noise_key, x.shape, jnp.float32),
+        }
+        if k == 1:
+            grads, terms = microbatch_grads(state.params, buffers, inputs)
+        else:
+            # Microbatch j takes rows j, j+k, j+2k, …: each is spread over all devices like the
+            # full batch, so every device stays busy in every microbatch.
+            micro = jax.tree.map(lambda a: _strided_split(a, k, mesh), inputs)
+
+            def body(acc, mb):
+                g, terms = microbatch_grads(state.params, buffers, mb)
+                return jax.tree.map(jnp.add, acc, g), terms
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            grads, terms = jax.lax.scan(body, zeros, micro)
+            grads = jax.tree.map(lambda g: g / k, grads)
+            terms = jax.tree.map(lambda a: a.reshape(-1), terms)
+
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = state.replace(
+            step=state.step + 1, params=params, opt_state=opt_state,
+            ema=ema_update(state.ema, params, step_config.ema_decay))
+        metrics = {name: jnp.mean(terms[name]) for name in ("loss", "mse", "vb") if name in terms}
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
+        return new_state, metrics
+
+    return train_step
+
+
+def _drop_labels(graphdef, params, buffers, y, key):
+    """Classifier-free-guidance label dropout with the model's own rule (null class
+    num_classes with probability class_dropout_prob), drawn for the whole batch."""
+    model = nnx.merge(graphdef, params, buffers)
+    if model.y_embedder is None or model.y_embedder.dropout_prob <= 0:
+        return y
+    return model.y_embedder.drop_labels(y, key)
+
+
+def _strided_split(a: jax.Array, k: int, mesh: Mesh) -> jax.Array:
+    n = a.shape[0]
+    if n % k:
+        raise ValueError(f"batch of {n} cannot be split into {k} microbatches")
+    out = a.reshape((n // k, k) + a.shape[1:]).swapaxes(0, 1)
+    spec = P(None, BATCH_AXES, *([None] * (a.ndim - 1)))
+    return jax.lax.with_sharding_constraint(out, NamedSharding(mesh, spec))
+
+
+def jit_train_step(train_step: Callable, state_shardings, buffer_shardings, mesh: Mesh,
+                   batch_ndim: int = 4):
+    """The step compiled for these shardings; the old state is donated to the new one."""
+    batch_shardings = {"x": batch_sharding(mesh, batch_ndim), "y": batch_sharding(mesh, 1)}
+    return jax.jit(
+        train_step,
+        in_shardings=(state_shardings, buffer_shardings, batch_shardings),
+        out_shardings=(state_shardings, NamedSharding(mesh, P())),
+        donate_argnums=(0,))

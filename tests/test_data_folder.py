@@ -1,0 +1,337 @@
+"""Image folders, the released preprocessing and the grain pipeline (dit_jax.data.folder,
+.transforms, .pipeline)."""
+
+import json
+import logging
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dit_jax.data.folder import ImageFolderSource, load_class_mapping, save_class_mapping, scan_folder
+from dit_jax.data.pipeline import Loader, default_host_rows
+from dit_jax.data.transforms import center_crop_arr, hflip, normalize, preprocess
+from imagedata import draw_image, make_image_folder
+
+
+# --- the ADM center crop -------------------------------------------------------------------------
+
+def spec_center_crop(image: Image.Image, size: int) -> np.ndarray:
+    """SPEC §3, transcribed independently: count the BOX halvings first, apply them, one BICUBIC
+    resize to short side = size (long side rounded half-to-even), crop at (h-size)//2, (w-size)//2."""
+    w, h = image.size
+    halvings = 0
+    while min(w >> halvings, h >> halvings) >= 2 * size:
+        halvings += 1
+    for k in range(1, halvings + 1):
+        image = image.resize((w >> k, h >> k), Image.BOX)
+    w, h = image.size
+    if w <= h:
+        new = (size, round(h * (size / w)))
+    else:
+        new = (round(w * (size / h)), size)
+    pixels = np.array(image.resize(new, Image.BICUBIC))
+    top, left = (pixels.shape[0] - size) // 2, (pixels.shape[1] - size) // 2
+    return pixels[top:top + size, left:left + size]
+
+
+# (width, height, target, size after the halvings, size after the resize): worked out by hand.
+CROP_CASES = [
+    (37, 23, 16, (37, 23), (26, 16)),      # no halving, upscale of the long side 25.74 → 26
+    (23, 37, 16, (23, 37), (16, 26)),
+    (129, 65, 16, (32, 16), (32, 16)),     # two halvings (65 → 32 → 16), then scale 1
+    (65, 129, 16, (16, 32), (16, 32)),
+    (517, 300, 32, (64, 37), (55, 32)),    # three halvings, 64·32/37 = 55.35 → 55
+    (300, 517, 32, (37, 64), (32, 55)),
+    (64, 64, 32, (32, 32), (32, 32)),      # short side exactly 2·size halves once
+    (63, 95, 32, (63, 95), (32, 48)),      # 63 < 64: no halving, 95·32/63 = 48.25 → 48
+    (13, 11, 16, (13, 11), (19, 16)),      # smaller than the target: upscale, 18.9 → 19
+    (250, 80, 16, (62, 20), (50, 16)),     # strong aspect ratio, 2 halvings, 49.6 → 50
+    (500, 375, 256, (500, 375), (341, 256)),   # the typical ImageNet photo at 256 px
+    (1200, 900, 256, (600, 450), (341, 256)),  # one halving at 256 px
+    (683, 1024, 512, (683, 1024), (512, 768)),  # 512 px, 767.6 → 768
+]
+
+
+@pytest.mark.parametrize("w,h,size,halved,resized", CROP_CASES)
+def test_adm_center_crop_matches_spec(w, h, size, halved, resized):
+    rng = np.random.default_rng(w * 1000 + h)
+    image = draw_image(rng, w, h)
+    out = center_crop_arr(image, size)
+    assert out.shape == (size, size, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out, spec_center_crop(image, size))
+
+    # The hand-computed intermediate sizes pin down the halving count and the rounding.
+    step = image
+    for _ in range(int(np.log2(w // halved[0])) if w != halved[0] else 0):
+        step = step.resize((step.size[0] // 2, step.size[1] // 2), Image.BOX)
+    assert step.size == halved
+    full = np.array(step.resize(resized, Image.BICUBIC))
+    top, left = (resized[1] - size) // 2, (resized[0] - size) // 2
+    np.testing.assert_array_equal(out, full[top:top + size, left:left + size])
+
+
+def test_crop_differs_from_naive_resize():
+    # Guards the test above against a transcription that is trivially true: a plain BICUBIC
+    # resize of the whole image (no halving) gives other pixels.
+    image = draw_image(np.random.default_rng(1), 517, 300)
+    naive = np.array(image.resize((55, 32), Image.BICUBIC))[:, 11:43]
+    assert not np.array_equal(center_crop_arr(image, 32), naive)
+
+
+def test_normalize_is_torchvision_to_tensor_then_normalize():
+    x = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, axis=2)
+    out = normalize(x)
+    assert out.dtype == np.float32 and out.min() == -1.0 and out.max() == 1.0
+    expected = (x.astype(np.float32) / np.float32(255) - np.float32(0.5)) / np.float32(0.5)
+    np.testing.assert_array_equal(out, expected)
+    torch = pytest.importorskip("torch")
+    # ToTensor: byte tensor → float → div(255); Normalize: sub_(mean).div_(std).
+    t = torch.from_numpy(x.transpose(2, 0, 1).copy()).to(torch.float32).div(255)
+    t = t.sub_(torch.tensor([0.5] * 3)[:, None, None]).div_(torch.tensor([0.5] * 3)[:, None, None])
+    np.testing.assert_array_equal(out, t.numpy().transpose(1, 2, 0))
+
+
+def test_preprocess_reads_grayscale_and_palette_as_rgb(tmp_path):
+    rng = np.random.default_rng(2)
+    image = draw_image(rng, 40, 30)
+    image.convert("L").save(tmp_path / "g.png")
+    image.convert("P").save(tmp_path / "p.png")
+    for name in ("g.png", "p.png"):
+        out = preprocess(tmp_path / name, 16)
+        assert out.shape == (16, 16, 3) and out.dtype == np.float32
+        ref = normalize(center_crop_arr(Image.open(tmp_path / name).convert("RGB"), 16))
+        np.testing.assert_array_equal(out, ref)
+
+
+# --- folders -------------------------------------------------------------------------------------
+
+def test_scan_class_folders_sorted_mapping(tmp_path):
+    root = make_image_folder(tmp_path / "data", {"zebra": 3, "apple": 2, "mango": 4})
+    (root / "mango" / "nested").mkdir()
+    draw_image(np.random.default_rng(0), 30, 30).save(root / "mango" / "nested" / "deep.JPEG")
+    paths, labels, names = scan_folder(root)
+    assert names == ["apple", "mango", "zebra"]
+    assert labels.tolist() == [0] * 2 + [1] * 5 + [2] * 3
+    assert all(p.split("/")[-2 if "nested" not in p else -3] == names[k]
+               for p, k in zip(paths, labels))
+    assert not any(p.endswith(".txt") for p in paths)  # README.txt is not an image
+    assert paths[2:7] == sorted(paths[2:7])  # sorted within the class, nested folder included
+    source = ImageFolderSource(root, 16)
+    assert len(source) == 10 and source.num_classes == 3 and source.element_shape == (16, 16, 3)
+
+    save_class_mapping(tmp_path / "work", source.class_names)
+    assert load_class_mapping(tmp_path / "work") == ["apple", "mango", "zebra"]
+    saved = json.loads((tmp_path / "work" / "classes.json").read_text())
+    assert saved["class_to_idx"] == {"apple": 0, "mango": 1, "zebra": 2}
+
+
+def test_scan_flat_folder_is_unconditional(tmp_path):
+    root = make_image_folder(tmp_path / "flat", flat=7)
+    source = ImageFolderSource(root, 16)
+    assert len(source) == 7 and source.num_classes == 0 and source.class_names == []
+    assert {int(source[i]["y"]) for i in range(7)} == {0}
+    # Forcing the class layout on a flat folder is a clear error.
+    with pytest.raises(ValueError, match="no class subfolders"):
+        scan_folder(root, class_folders=True)
+
+
+def test_bad_folders_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        scan_folder(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        scan_folder(tmp_path / "empty")
+    root = make_image_folder(tmp_path / "data", {"cat": 2, "dog": 2})
+    (root / "emu").mkdir()
+    (root / "emu" / "notes.txt").write_text("no images here")
+    with pytest.raises(ValueError, match="1 class folder.*emu"):
+        scan_folder(root)
+    only_text = tmp_path / "text"
+    only_text.mkdir()
+    (only_text / "a.txt").write_text("x")
+    with pytest.raises(ValueError, match="no images"):
+        scan_folder(only_text)
+
+
+def test_unreadable_files_are_replaced_and_flagged(tmp_path, caplog):
+    root = make_image_folder(tmp_path / "data", {"a": 4, "b": 4}, corrupt={
+        "a/img_900.jpg": "truncated", "b/img_901.png": "text", "b/img_902.jpg": "empty"})
+    source = ImageFolderSource(root, 16)
+    assert len(source) == 11
+    bad = [i for i, p in enumerate(source.paths) if "img_90" in p]
+    assert len(bad) == 3
+    with caplog.at_level(logging.WARNING, logger="dit_jax.data.folder"):
+        records = [source[i] for i in range(len(source))]
+    assert [int(r["skipped"]) for r in records] == [int(i in bad) for i in range(11)]
+    assert sum("skipping unreadable image" in m for m in caplog.messages) == 3
+    for i in bad:
+        # The stand-in is the next readable file (b/img_901 and b/img_902 are consecutive).
+        j = next(k % 11 for k in range(i + 1, i + 12) if k % 11 not in bad)
+        np.testing.assert_array_equal(records[i]["x"], preprocess(source.paths[j], 16))
+        assert records[i]["y"] == source.labels[j]
+
+
+# --- the grain pipeline --------------------------------------------------------------------------
+
+class IndexSource:
+    """Record i carries i, so the tests can see which examples a batch holds."""
+
+    def __init__(self, n):
+        self.n = n
+        self.num_classes = 0
+        self.element_shape = (1,)
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return {"x": np.full((1,), i, np.float32), "y": np.int32(i)}
+
+
+@pytest.mark.parametrize("n", [40, 42])
+def test_two_hosts_see_each_example_once_per_epoch(n):
+    g, batches = 8, 21  # 21 batches: 168 positions, i.e. 4 epochs of 42 (4.2 of 40)
+    hosts = [Loader(IndexSource(n), global_batch_size=g, seed=7, host_rows=default_host_rows(g, h, 2))
+             for h in range(2)]
+    single = Loader(IndexSource(n), global_batch_size=g, seed=7, host_rows=(0, g))
+    stream, per_host = [], [[], []]
+    for _ in range(batches):
+        rows = [next(loader)["y"] for loader in hosts]
+        assert [len(r) for r in rows] == [4, 4]
+        per_host[0].extend(rows[0])
+        per_host[1].extend(rows[1])
+        stream.extend(np.concatenate(rows))
+        # Host count independence: the two slices assemble into the one-host batch.
+        np.testing.assert_array_equal(np.concatenate(rows), next(single)["y"])
+    # Host 0's state (the one a checkpoint keeps) restores host 1 at its exact next rows.
+    restored = Loader(IndexSource(n), global_batch_size=g, seed=7, host_rows=default_host_rows(g, 1, 2))
+    restored.set_state(hosts[0].get_state())
+    np.testing.assert_array_equal(next(restored)["y"], next(hosts[1])["y"])
+    epochs = [stream[e * n:(e + 1) * n] for e in range(len(stream) // n)]
+    for epoch in epochs:
+        assert sorted(epoch) == list(range(n))  # every example exactly once, on one host
+    assert epochs[0] != epochs[1]  # reshuffled every epoch
+    assert set(per_host[0][: n // 2]).isdisjoint(per_host[1][: n // 2])
+    assert stream[:n] != list(range(n))  # actually shuffled
+
+
+def test_seed_changes_order_and_is_reproducible():
+    def first(seed):
+        return next(Loader(IndexSource(50), global_batch_size=10, seed=seed, host_rows=(0, 10)))["y"]
+    np.testing.assert_array_equal(first(1), first(1))
+    assert not np.array_equal(first(1), first(2))
+
+
+def test_folder_loader_flips_and_resumes_exactly(tmp_path):
+    root = make_image_folder(tmp_path / "data", {"a": 6, "b": 6, "c": 4}, corrupt={
+        "a/img_900.jpg": "truncated", "c/img_901.png": "text"})
+    source = ImageFolderSource(root, 16)
+    n = len(source)  # 18, two unreadable
+    clean = {i: preprocess(p, 16) for i, p in enumerate(source.paths) if "img_90" not in p}
+
+    def run(workers):
+        loader = Loader(source, global_batch_size=6, seed=3, host_rows=(0, 6), num_workers=workers)
+        first = [next(loader) for _ in range(3)]  # exactly one epoch
+        state = json.loads(json.dumps(loader.get_state()))
+        after = [next(loader) for _ in range(3)]
+        loader.close()
+        return loader, first, state, after
+
+    loader, first, state, after = run(workers=0)
+    assert loader.skipped == 4 and state["skipped"] == 2  # each bad file once per epoch
+    flips = 0
+    for batch in first + after:
+        assert batch["x"].shape == (6, 16, 16, 3) and batch["x"].dtype == np.float32
+        assert set(batch) == {"x", "y"}
+        for x, y in zip(batch["x"], batch["y"]):
+            matches = [i for i, c in clean.items() if np.array_equal(x, c)]
+            mirrored = [i for i, c in clean.items() if np.array_equal(x, hflip(c))]
+            assert len(matches) + len(mirrored) >= 1
+            flips += bool(mirrored) and not matches
+            assert source.labels[(matches or mirrored)[0]] == y
+    assert 0 < flips < 36  # the random flip happens, not always
+
+    # The worker count does not change any batch; a fresh loader restored from the JSON state
+    # continues with exactly the next batches, whatever its worker count.
+    _, first2, state2, after2 = run(workers=2)
+    assert state2 == state
+    for a, b in zip(first + after, first2 + after2):
+        np.testing.assert_array_equal(a["x"], b["x"])
+    for workers in (0, 2):
+        resumed = Loader(source, global_batch_size=6, seed=3, host_rows=(0, 6), num_workers=workers)
+        resumed.set_state(state)
+        for expected in after:
+            got = next(resumed)
+            np.testing.assert_array_equal(got["x"], expected["x"])
+            np.testing.assert_array_equal(got["y"], expected["y"])
+        assert resumed.skipped == 4 and resumed.next_batch == 6
+        resumed.close()
+    with pytest.raises(ValueError, match="seed"):
+        Loader(source, global_batch_size=6, seed=4, host_rows=(0, 6)).set_state(state)
+    assert n == 18
+
+
+def test_empty_source_is_an_error():
+    with pytest.raises(ValueError, match="empty"):
+        Loader(IndexSource(0), global_batch_size=4, seed=0, host_rows=(0, 4))
+
+
+# --- training on a folder ------------------------------------------------------------------------
+
+def folder_config(path, total_steps, checkpoint_every=100, **data):
+    from configs.demo import get_config
+
+    c = get_config()
+    c.total_steps = total_steps
+    c.global_batch_size = 8
+    c.log_every = 1
+    c.checkpoint_every = checkpoint_every
+    c.sample_every = 0
+    c.async_checkpointing = False
+    c.model.hidden_size, c.model.depth, c.model.num_heads, c.model.patch_size = 32, 1, 2, 4
+    c.optim.warmup_steps = 0
+    c.optim.schedule = "constant"  # a cosine decay would depend on total_steps
+    c.data.source = "folder"
+    c.data.path = str(path)
+    c.data.image_size = 16
+    c.data.num_workers = 0
+    c.data.update(data)
+    return c
+
+
+def test_folder_with_corrupt_files_trains_reports_skipped_and_resumes_exactly(tmp_path):
+    from dit_jax.train import train
+    from dit_jax.train.logging import read_log
+
+    root = make_image_folder(tmp_path / "data", {"owl": 4, "fox": 4, "elk": 4}, corrupt={
+        "fox/img_900.jpg": "truncated", "owl/img_901.png": "text"})
+    source = ImageFolderSource(root, 16)
+    reference = Loader(source, global_batch_size=8, seed=0, host_rows=(0, 8))
+    expected_skipped = []
+    for _ in range(3):
+        next(reference)
+        expected_skipped.append(reference.skipped)
+    assert expected_skipped[1] >= 2  # 16 positions cover the 14 files: both bad ones were hit
+
+    work = tmp_path / "work"
+    straight = train(folder_config(root, 3, checkpoint_every=2), work)
+    log = read_log(work)
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert [r["skipped"] for r in log] == expected_skipped
+    assert all(np.isfinite(r["loss"]) for r in log)
+    assert straight["metrics"]["skipped"] == expected_skipped[-1]
+    assert load_class_mapping(work) == ["elk", "fox", "owl"]
+    saved = json.loads((work / "config.json").read_text())
+    assert saved["model"]["num_classes"] == 3  # -1 in the demo config: follows the data
+
+    # As if interrupted after the checkpoint of step 2: the resumed run (with worker processes
+    # this time) sees the same batch at step 3, hence the same loss, and the skipped count
+    # carries over.
+    shutil.rmtree(work / "checkpoints" / "3")
+    resumed = train(folder_config(root, 3, checkpoint_every=2, num_workers=2), work)
+    assert resumed["step"] == 3
+    last = read_log(work)[-1]
+    assert last["step"] == 3 and last["skipped"] == expected_skipped[-1]
+    np.testing.assert_allclose(last["loss"], log[-1]["loss"], rtol=1e-6)

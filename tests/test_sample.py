@@ -1,0 +1,164 @@
+"""sample.py and dit_jax.sampling end to end on CPU: files and formats, independence from the
+device count and from interruptions, and errors for bad inputs."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+from absl import app, flags
+from PIL import Image
+
+import sample as sample_script
+from dit_jax import sampling
+from dit_jax.checkpoint import save_model
+from dit_jax.port import save_torch
+from dit_jax.sampling import SampleRequest
+from dit_jax.sharding import make_mesh
+
+from conftest import random_dit
+
+NUM_CLASSES = 10
+LATENT = 8  # latent side of the tiny DiT
+
+
+@pytest.fixture(scope="module")
+def dit_dir(tmp_path_factory):
+    model = random_dit(seed=0, std=0.05, depth=2, hidden_size=64, num_heads=4, patch_size=2,
+                       input_size=LATENT, num_classes=NUM_CLASSES)
+    path = tmp_path_factory.mktemp("dit") / "ckpt"
+    save_model(path, model)
+    return path
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    diffusers = pytest.importorskip("diffusers")
+    import torch
+
+    torch.manual_seed(0)
+    # Two resolution levels: 2× down-sampling, 4 latent channels like the SD VAE.
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1, norm_num_groups=8, sample_size=2 * LATENT)
+    path = tmp_path_factory.mktemp("vae") / "vae"
+    vae.save_pretrained(path)
+    return path
+
+
+def _run_cli(argv):
+    flags.FLAGS.unparse_flags()  # absl keeps values from a previous parse
+    sample_script.parse_flags(["sample.py", *argv])
+    sample_script.main([])
+
+
+def test_cli_writes_grid_pngs_and_npz(tmp_path, dit_dir, vae_dir):
+    out, npz = tmp_path / "out", tmp_path / "samples.npz"
+    _run_cli([f"--ckpt={dit_dir}", f"--vae={vae_dir}", "--labels=7,1,4", "--num-samples=5",
+              "--batch-size=4", "--steps=4", "--cfg-scale=1.5", f"--out={out}", f"--npz={npz}",
+              f"--image-size={2 * LATENT}"])
+    side = 2 * LATENT
+    with np.load(npz) as data:
+        images, labels = data["arr_0"], data["arr_1"]
+    assert images.dtype == np.uint8 and images.shape == (5, side, side, 3)
+    np.testing.assert_array_equal(labels, [7, 1, 4, 7, 1])
+    assert len(np.unique(images)) > 32, np.unique(images)  # not a blank or saturated image
+    for i in range(5):
+        np.testing.assert_array_equal(np.asarray(Image.open(out / "samples" / f"{i:06d}.png")), images[i])
+    grid = np.asarray(Image.open(out / "grid.png"))
+    # 5 images in 3 columns and 2 rows, 2 px padding
+    assert grid.shape == (2 * (side + 2) + 2, 3 * (side + 2) + 2, 3)
+    np.testing.assert_array_equal(grid[side + 4:2 * side + 4, 2:side + 2], images[3])
+
+    # The same request on one device (the CLI used all 8), decoder included.
+    request = dataclasses.replace(sample_script.request_from_flags(), out=str(tmp_path / "one"),
+                                  npz=str(tmp_path / "one.npz"))
+    sampling.sample(request, mesh=make_mesh(devices=jax.devices()[:1]))
+    with np.load(tmp_path / "one.npz") as data:
+        np.testing.assert_array_equal(data["arr_0"], images)
+
+
+def test_pixel_space_model_from_pt(tmp_path):
+    # An official-width (384 → 6 heads) pixel-space model without learned sigma, as a .pt file.
+    model = random_dit(seed=1, depth=2, hidden_size=384, num_heads=6, patch_size=4, input_size=8,
+                       in_channels=3, num_classes=5, learn_sigma=False)
+    save_torch(model, tmp_path / "pixels.pt")
+    request = SampleRequest(ckpt=str(tmp_path / "pixels.pt"), vae="none", labels=(4, 0),
+                            sampler="dpm++", steps=5, cfg_scale=2.0, image_size=8,
+                            out=str(tmp_path / "out"), npz=str(tmp_path / "pixels.npz"))
+    written = sampling.sample(request)
+    with np.load(written["npz"]) as data:
+        assert data["arr_0"].dtype == np.uint8 and data["arr_0"].shape == (2, 8, 8, 3)
+        np.testing.assert_array_equal(data["arr_1"], [4, 0])
+        np.testing.assert_array_equal(np.asarray(Image.open(written["samples"] / "000001.png")),
+                                      data["arr_0"][1])
+    assert written["grid"].is_file()
+
+
+def _latents(dit_dir, out, mesh, **kw):
+    request = SampleRequest(ckpt=str(dit_dir), vae="none", out=str(out), steps=6, **kw)
+    written = sampling.sample(request, mesh=mesh)
+    with np.load(written["npz"]) as data:
+        return data["arr_0"], data["arr_1"]
+
+
+def test_same_samples_on_8_and_1_devices(tmp_path, dit_dir):
+    assert len(jax.devices()) == 8
+    # 6 per chunk: padded to 8 rows on 8 devices, not padded on 1.
+    kw = dict(labels=(3, 9, 0), num_samples=6, batch_size=6, cfg_scale=3.0)
+    sharded, labels = _latents(dit_dir, tmp_path / "eight", make_mesh(), **kw)
+    single, _ = _latents(dit_dir, tmp_path / "one", make_mesh(devices=jax.devices()[:1]), **kw)
+    assert sharded.shape == (6, LATENT, LATENT, 4) and sharded.dtype == np.float32
+    np.testing.assert_array_equal(labels, [3, 9, 0, 3, 9, 0])
+    np.testing.assert_allclose(sharded, single, rtol=0, atol=1e-5 * np.abs(single).max())
+    # every sample differs: noise is not repeated across rows or devices
+    assert len({s.tobytes() for s in sharded}) == 6
+
+
+def test_resume_equals_uninterrupted(tmp_path, dit_dir, monkeypatch):
+    kw = dict(num_samples=10, batch_size=4, sampler="ddim", cfg_scale=2.0, guidance_channels="all",
+              seed=3)  # random labels
+    mesh = make_mesh()
+    full, full_labels = _latents(dit_dir, tmp_path / "full", mesh, **kw)
+
+    save = sampling.ChunkStore.save
+
+    def save_then_stop(self, chunk, samples, labels):
+        save(self, chunk, samples, labels)
+        if chunk == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(sampling.ChunkStore, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        _latents(dit_dir, tmp_path / "resumed", mesh, **kw)
+    monkeypatch.undo()
+
+    calls = []
+    run_chunk = sampling.ChunkSampler.__call__
+    monkeypatch.setattr(sampling.ChunkSampler, "__call__",
+                        lambda self, chunk, labels: calls.append(chunk) or run_chunk(self, chunk, labels))
+    resumed, resumed_labels = _latents(dit_dir, tmp_path / "resumed", mesh, **kw)
+    assert calls == [2]  # chunks 0 and 1 were kept
+    np.testing.assert_array_equal(resumed, full)
+    np.testing.assert_array_equal(resumed_labels, full_labels)
+    assert len(set(full_labels.tolist())) > 1 and full_labels.max() < NUM_CLASSES
+    with pytest.raises(ValueError, match=r"different run \(settings \['seed'\] differ"):
+        _latents(dit_dir, tmp_path / "resumed", mesh, **dict(kw, seed=4))
+
+
+def test_bad_inputs(tmp_path, dit_dir):
+    with pytest.raises(FileNotFoundError, match="dl.fbaipublicfiles.com.*--ckpt PATH"):
+        _run_cli([f"--ckpt={tmp_path / 'DiT-XL-2-256x256.pt'}", f"--out={tmp_path}"])
+    with pytest.raises(ValueError, match="unknown DiT model 'DiT-XXL/2'"):
+        _run_cli([f"--ckpt={dit_dir}", "--model=DiT-XXL/2", "--vae=none", f"--out={tmp_path}"])
+    with pytest.raises(ValueError, match="not DiT-S/2"):
+        _run_cli([f"--ckpt={dit_dir}", "--model=DiT-S/2", "--vae=none", f"--out={tmp_path}"])
+    with pytest.raises(ValueError, match="--image-size 256 does not match the model"):
+        _run_cli([f"--ckpt={dit_dir}", "--image-size=256", "--vae=none", f"--out={tmp_path}"])
+    with pytest.raises(ValueError, match="label 10 is out of range"):
+        _run_cli([f"--ckpt={dit_dir}", "--labels=1,10", "--vae=none", f"--out={tmp_path}"])
+    with pytest.raises(app.UsageError, match="--ckpt is required.*DiT-XL-2-256x256.pt"):
+        _run_cli([f"--out={tmp_path}"])
+    with pytest.raises(flags.IllegalFlagValueError):
+        _run_cli([f"--ckpt={dit_dir}", "--sampler=euler"])

@@ -1,0 +1,437 @@
+"""Training: the sharded step, gradient accumulation, checkpoints (other meshes, corruption,
+NaN), multi-process runs, kill/resume, and the demo run that must really learn.
+
+The in-process tests run on the 8 virtual CPU devices of conftest.py; the subprocess tests run
+train.py with their own device counts (XLA_FLAGS in the child's environment)."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from configs import demo
+from dit_jax.data import BuiltinShapes, classify_image
+from dit_jax.diffusion import create_diffusion
+from dit_jax.models.dit import DiTConfig
+from dit_jax.sharding import batch_sharding, make_mesh, state_shardings
+from dit_jax.train import NonFiniteLossError, initialize_distributed, restore_model, train
+from dit_jax.train.checkpoint import Checkpoints
+from dit_jax.train.logging import read_log
+from dit_jax.train.loop import _initial_params, host_batch_rows
+from dit_jax.train.state import (TrainState, abstract_train_state, create_train_state,
+                                 make_optimizer, make_schedule, model_buffers, model_config_from,
+                                 split_model, train_state_shardings)
+from dit_jax.train.step import StepConfig, jit_train_step, make_train_step
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = DiTConfig(input_size=16, patch_size=2, in_channels=3, hidden_size=64, depth=2, num_heads=4,
+                 num_classes=4)
+# The same tiny model through train.py's flags (the rest from configs/demo.py).
+TINY_FLAGS = ["--config.model.hidden_size=64", "--config.model.depth=2",
+              "--config.model.num_heads=4", "--config.model.patch_size=2",
+              "--config.data.image_size=16", "--config.global_batch_size=16",
+              "--config.optim.schedule=constant", "--config.optim.warmup_steps=0",
+              "--config.optim.lr=0.001", "--config.log_every=1"]
+
+
+def tiny_config(**top_level):
+    c = demo.get_config()
+    c.model.hidden_size, c.model.depth, c.model.num_heads, c.model.patch_size = 64, 2, 4, 2
+    c.data.image_size = 16
+    c.global_batch_size = 16
+    c.optim.schedule, c.optim.warmup_steps, c.optim.lr = "constant", 0, 1e-3
+    c.log_every, c.sample_every = 1, 0
+    for key, value in top_level.items():
+        setattr(c, key, value)
+    return c
+
+
+# --------------------------------------------------------------------------------------------
+# The step on meshes
+
+
+def tiny_optimizer():
+    optim = demo.get_config().optim
+    optim.schedule, optim.warmup_steps = "constant", 0
+    return make_optimizer(optim, 100)
+
+
+@pytest.fixture(scope="module")
+def initial_state():
+    """A fresh TINY train state on the host; each mesh gets its own sharded copy."""
+    tx, _ = tiny_optimizer()
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    return jax.device_get(create_train_state(TINY, tx, mesh, seed=0))
+
+
+def run_steps(initial, mesh_shape, *, accum_steps=1, steps=2):
+    """Losses and final state of `steps` updates of TINY on a (data, fsdp) mesh."""
+    data, fsdp = mesh_shape
+    mesh = make_mesh(data, fsdp, 1, devices=jax.devices()[:data * fsdp])
+    tx, schedule = tiny_optimizer()
+    batch = BuiltinShapes(image_size=16).get_batch(np.arange(16))
+    with jax.set_mesh(mesh):
+        graphdef, _, _ = split_model(TINY)
+        shardings = train_state_shardings(abstract_train_state(TINY, tx), mesh)
+        state = jax.device_put(initial, shardings)
+        buffers = model_buffers(TINY, mesh)
+        step = jit_train_step(
+            make_train_step(graphdef, create_diffusion(""), tx, schedule,
+                            StepConfig(ema_decay=0.9, accum_steps=accum_steps), mesh),
+            shardings, state_shardings(buffers, mesh), mesh)
+        batch = {k: jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
+        losses = []
+        for _ in range(steps):
+            state, metrics = step(state, buffers, batch)
+            losses.append(float(metrics["loss"]))
+    return {"losses": np.array(losses), "state": state, "metrics": metrics}
+
+
+@pytest.fixture(scope="module")
+def single_device(initial_state):
+    return run_steps(initial_state, (1, 1))
+
+
+def assert_same_params(a, b):
+    pa, pb = jax.device_get(nnx.to_pure_dict(a)), jax.device_get(nnx.to_pure_dict(b))
+    for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1), (2, 4), (1, 8)])
+def test_sharded_step_matches_single_device(initial_state, single_device, mesh_shape):
+    out = run_steps(initial_state, mesh_shape)
+    np.testing.assert_allclose(out["losses"], single_device["losses"], rtol=1e-5)
+    assert single_device["losses"][1] < single_device["losses"][0]  # it does learn
+    assert_same_params(out["state"].params, single_device["state"].params)
+    assert_same_params(out["state"].ema, single_device["state"].ema)
+    kernel = out["state"].params["blocks"][0]["mlp"]["fc1"]["kernel"]
+    expected = jax.sharding.PartitionSpec("fsdp", None) if mesh_shape[1] > 1 else jax.sharding.PartitionSpec(None, None)
+    assert kernel.sharding.spec == expected  # weights (and Adam moments) really are split
+    mu = out["state"].opt_state[0][0].mu["blocks"][0]["mlp"]["fc1"]["kernel"]
+    assert mu.sharding.spec == expected
+
+
+def test_accumulated_microbatches_equal_one_full_batch_step(initial_state, single_device):
+    out = run_steps(initial_state, (2, 4), accum_steps=2)
+    np.testing.assert_allclose(out["losses"], single_device["losses"], rtol=1e-5)
+    np.testing.assert_allclose(float(out["metrics"]["grad_norm"]),
+                               float(single_device["metrics"]["grad_norm"]), rtol=1e-5)
+    assert_same_params(out["state"].params, single_device["state"].params)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def test_checkpoint_saved_on_one_mesh_restores_on_another(single_device, tmp_path):
+    tx, _ = tiny_optimizer()
+    abstract = abstract_train_state(TINY, tx)
+    # A trained state: EMA differs from the weights, Adam moments are not zero.
+    state = jax.device_get(single_device["state"])
+    mesh_a = make_mesh(8, 1, 1)
+    with jax.set_mesh(mesh_a):
+        checkpoints = Checkpoints(tmp_path, async_save=False)
+        checkpoints.save(jax.device_put(state, train_state_shardings(abstract, mesh_a)),
+                         data_state={"next_batch": 2}, model_config=TINY)
+        checkpoints.close()
+
+    mesh_b = make_mesh(2, 4, 1)
+    with jax.set_mesh(mesh_b):
+        checkpoints = Checkpoints(tmp_path)
+        restored, data_state = checkpoints.restore(abstract, train_state_shardings(abstract, mesh_b))
+        checkpoints.close()
+    assert data_state == {"next_batch": 2}
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        assert got.sharding.mesh.shape == mesh_b.shape
+    kernel = restored.params["blocks"][0]["attn"]["qkv"]["kernel"]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
+
+    model = restore_model(tmp_path)  # the sampler's entry point: EMA weights by default
+    assert model.config == TINY
+    np.testing.assert_array_equal(np.asarray(model.final_layer.linear.kernel[...]),
+                                  np.asarray(state.ema["final_layer"]["linear"]["kernel"]))
+    raw = restore_model(tmp_path, which="params", step=2)
+    np.testing.assert_array_equal(np.asarray(raw.final_layer.linear.kernel[...]),
+                                  np.asarray(state.params["final_layer"]["linear"]["kernel"]))
+
+
+@pytest.fixture(scope="module")
+def good_run(tmp_path_factory):
+    """20 steps of the tiny config on 8 devices, checkpoints at 10 and 20."""
+    workdir = tmp_path_factory.mktemp("good_run")
+    result = train(tiny_config(total_steps=20, checkpoint_every=10), workdir)
+    assert result["status"] == "completed" and result["step"] == 20
+    return workdir
+
+
+def test_run_writes_its_workdir(good_run):
+    log = read_log(good_run)
+    assert [r["step"] for r in log] == list(range(1, 21))
+    assert {"loss", "mse", "vb", "grad_norm", "lr", "images_per_sec", "mfu"} <= set(log[0])
+    assert log[0]["mfu"] is None  # no peak rate on CPU
+    assert log[-1]["loss"] < log[0]["loss"]
+    assert Checkpoints(good_run, read_only=True).all_steps() == [10, 20]
+    assert json.loads((good_run / "config.json").read_text())["model"]["num_classes"] == 4
+    assert list((good_run / "tensorboard").iterdir())
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(good_run, tmp_path, caplog):
+    workdir = tmp_path / "run"
+    shutil.copytree(good_run, workdir)
+    for f in (workdir / "checkpoints" / "20" / "params").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # truncated writes
+    with caplog.at_level("WARNING"):
+        result = train(tiny_config(total_steps=20, checkpoint_every=10), workdir)
+    assert result["step"] == 20
+    assert "checkpoint 20" in caplog.text and "resumed from checkpoint 10" in caplog.text
+    assert [p.name.split("-")[0] for p in (workdir / "corrupt_checkpoints").iterdir()] == ["20"]
+    assert Checkpoints(workdir, read_only=True).all_steps() == [10, 20]
+    # Steps 11..20 were redone from checkpoint 10 and are exactly those of the first run.
+    redone = [r["loss"] for r in read_log(workdir)]
+    assert redone == [r["loss"] for r in read_log(good_run)]
+
+
+def test_every_checkpoint_unreadable_is_an_error(good_run, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(good_run, workdir)
+    for step in ("10", "20"):
+        for f in (workdir / "checkpoints" / step / "ema").rglob("*"):
+            if f.is_file():
+                f.write_bytes(b"")
+    with pytest.raises(RuntimeError, match="none of the checkpoints"):
+        train(tiny_config(total_steps=20, checkpoint_every=10), workdir)
+    assert not (workdir / "corrupt_checkpoints").exists()  # nothing moved
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(good_run, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(good_run, workdir)
+    config = tiny_config(total_steps=40, checkpoint_every=10)
+    config.optim.lr = 1e30  # a real divergence: the weights overflow after one update
+    with pytest.raises(NonFiniteLossError, match="last good checkpoint is step 20"):
+        train(config, workdir)
+    assert Checkpoints(workdir, read_only=True).all_steps() == [10, 20]
+    assert max(r["step"] for r in read_log(workdir)) < 30
+
+
+def test_retention_keeps_the_latest_and_every_kth(tmp_path):
+    checkpoints = Checkpoints(tmp_path, keep=2, keep_every=4, async_save=False)
+    for step in range(1, 10):
+        state = TrainState(step=jnp.asarray(step, jnp.int32), params={"w": jnp.full(3, step)},
+                           ema={"w": jnp.zeros(3)}, opt_state={"m": jnp.zeros(3)},
+                           rng=jnp.zeros(2, jnp.uint32))
+        checkpoints.save(state, data_state={"next_batch": step}, model_config=TINY)
+    checkpoints.close()
+    assert Checkpoints(tmp_path, read_only=True).all_steps() == [4, 8, 9]
+
+
+def test_model_config_follows_the_training_config():
+    config = demo.get_config()
+    config.model.remat, config.model.dtype = True, "bfloat16"
+    cfg = model_config_from(config, num_classes=4, in_channels=3, input_size=32)
+    assert (cfg.remat, cfg.dtype, cfg.hidden_size, cfg.num_classes) == (True, jnp.bfloat16, 96, 4)
+    official = model_config_from(__import__("configs.dit", fromlist=["x"]).get_config("XL/2"),
+                                 num_classes=1000, in_channels=4, input_size=32)
+    assert (official.depth, official.hidden_size, official.patch_size) == (28, 1152, 2)
+    assert official.dtype == jnp.bfloat16 and official.class_dropout_prob == 0.1
+
+
+def test_optimizer_options():
+    optim = demo.get_config().optim
+    optim.lr, optim.warmup_steps, optim.schedule = 1.0, 10, "cosine"
+    schedule = make_schedule(optim, total_steps=110)
+    assert float(schedule(0)) == pytest.approx(0.1)  # the first update is not a no-op
+    assert float(schedule(9)) == pytest.approx(1.0)
+    assert float(schedule(59)) == pytest.approx(0.5, abs=0.02)
+    assert float(schedule(109)) == pytest.approx(0.0, abs=1e-3)
+    optim.schedule = "constant"
+    assert float(make_schedule(optim, 110)(50)) == 1.0
+
+    params = nnx.State({"w": nnx.Param(jnp.ones((2, 2))), "b": nnx.Param(jnp.ones((2,)))})
+    grads = jax.tree.map(lambda p: p * 100.0, params)
+    optim = demo.get_config().optim
+    optim.schedule, optim.warmup_steps, optim.lr = "constant", 0, 0.1
+    optim.grad_clip, optim.weight_decay, optim.weight_decay_mask = 1.0, 0.5, "matrices"
+    tx, _ = make_optimizer(optim, 10)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    # Adam's first step is lr·sign(g), plus decoupled decay lr·wd·p on the matrix only.
+    np.testing.assert_allclose(np.asarray(updates["b"][...]), -0.1, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(updates["w"][...]), -0.1 - 0.05, rtol=1e-5)
+    clipped, _ = optax.clip_by_global_norm(1.0).update(grads, None)
+    assert float(optax.tree.norm(clipped)) == pytest.approx(1.0)
+
+
+def test_init_from_loads_and_checks_weights(tmp_path):
+    from dit_jax.checkpoint import save_model
+    from dit_jax.models.dit import DiT
+
+    source = DiT(TINY, rngs=nnx.Rngs(5))
+    save_model(tmp_path / "model", source)
+    config = tiny_config(init_from=str(tmp_path / "model"))
+    params = _initial_params(config, TINY)
+    np.testing.assert_array_equal(np.asarray(params["y_embedder"]["embedding_table"][...]),
+                                  np.asarray(source.y_embedder.embedding_table[...]))
+    with pytest.raises(ValueError, match="does not fit"):
+        _initial_params(config, DiTConfig(**{**TINY.__dict__, "hidden_size": 32}))
+
+
+def test_single_process_needs_no_distributed_setup(monkeypatch):
+    for var in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
+                "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"):
+        monkeypatch.delenv(var, raising=False)
+    assert initialize_distributed("auto") is False
+    assert initialize_distributed("off", num_processes=2) is False
+    assert host_batch_rows(make_mesh(2, 4, 1), 16) == (0, 16)
+
+
+# --------------------------------------------------------------------------------------------
+# train.py as separate processes
+
+
+def train_cmd(workdir, *flags, config="configs/demo.py"):
+    return [sys.executable, str(ROOT / "train.py"), f"--config={config}", f"--workdir={workdir}",
+            *flags]
+
+
+def child_env(devices: int):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def start(workdir, *flags, devices=1, output=None):
+    """train.py in the background; its console output goes to `output` (default WORKDIR.out)."""
+    output = Path(output or str(workdir) + ".out")
+    with open(output, "w") as out:
+        proc = subprocess.Popen(train_cmd(workdir, *flags), cwd=ROOT, env=child_env(devices),
+                                stdout=out, stderr=subprocess.STDOUT)
+    proc.output = output
+    return proc
+
+
+def finish(proc, timeout=300):
+    rc = proc.wait(timeout=timeout)
+    return rc, proc.output.read_text()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path):
+    flags = [*TINY_FLAGS, "--config.total_steps=8", "--config.checkpoint_every=4",
+             "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.sample_every=8",
+             "--config.sample.steps=3", "--config.sample.num_images=8"]
+    port = free_port()
+    single = start(tmp_path / "single", *flags, devices=4)
+    # Both processes use the one workdir, as the hosts of a cluster share a file system.
+    multi_dir = tmp_path / "multi"
+    workers = [start(multi_dir, *flags, f"--coordinator_address=localhost:{port}",
+                     "--num_processes=2", f"--process_id={i}", devices=2,
+                     output=tmp_path / f"multi{i}.out") for i in range(2)]
+    for proc in [single, *workers]:
+        rc, out = finish(proc)
+        assert rc == 0, out[-3000:]
+    # Each host loaded only its half of every global batch.
+    assert "process 1 of 2: 2 of 4 devices" in workers[1].output.read_text()
+    assert "rows [8, 16)" in workers[1].output.read_text()
+    losses_single = [r["loss"] for r in read_log(tmp_path / "single")]
+    losses_multi = [r["loss"] for r in read_log(multi_dir)]
+    assert len(losses_single) == len(losses_multi) == 8
+    np.testing.assert_allclose(losses_multi, losses_single, rtol=1e-5)
+    a = np.load(tmp_path / "single" / "samples" / "step_0000008.npz")
+    b = np.load(multi_dir / "samples" / "step_0000008.npz")
+    np.testing.assert_array_equal(a["labels"], b["labels"])
+    assert np.mean(np.abs(a["images"].astype(int) - b["images"].astype(int))) < 0.5
+    # The two-host checkpoint restores in this one process, onto one device.
+    ema_multi = restore_model(multi_dir).final_layer.linear.kernel[...]
+    ema_single = restore_model(tmp_path / "single").final_layer.linear.kernel[...]
+    np.testing.assert_allclose(np.asarray(ema_multi), np.asarray(ema_single), rtol=1e-4, atol=1e-6)
+
+
+def wait_for(path: Path, proc, timeout=240):
+    deadline = time.time() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (rc {proc.returncode}) before {path} appeared")
+        if time.time() > deadline:
+            raise AssertionError(f"{path} did not appear in {timeout}s")
+        time.sleep(0.01)
+
+
+@pytest.mark.slow
+def test_killed_and_preempted_runs_resume_exactly(tmp_path):
+    total = 150
+    flags = [*TINY_FLAGS, f"--config.total_steps={total}", "--config.checkpoint_every=20"]
+    reference = start(tmp_path / "reference", *flags)
+    killed = start(tmp_path / "killed", *flags)
+    preempted = start(tmp_path / "preempted", *flags)
+
+    wait_for(tmp_path / "killed" / "checkpoints" / "40", killed)
+    killed.send_signal(signal.SIGKILL)
+    wait_for(tmp_path / "preempted" / "checkpoints" / "20", preempted)
+    preempted.send_signal(signal.SIGTERM)
+    assert finish(killed)[0] == -signal.SIGKILL
+    rc, out = finish(preempted)
+    assert rc == 143, out[-3000:]  # saved, then stopped as interrupted
+
+    killed_at = max(r["step"] for r in read_log(tmp_path / "killed"))
+    assert 40 <= killed_at < total, "the run finished before it could be killed"
+    stopped_at = max(r["step"] for r in read_log(tmp_path / "preempted"))
+    assert Checkpoints(tmp_path / "preempted", read_only=True).latest_step() == stopped_at < total
+
+    # The same commands again: each resumes from its newest checkpoint and runs to the end.
+    restarts = [subprocess.Popen(train_cmd(tmp_path / name, *flags), cwd=ROOT, env=child_env(1),
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                for name in ("killed", "preempted")]
+    for proc in restarts:
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-3000:]
+        assert "resuming from checkpoint" in out
+    rc, out = finish(reference)
+    assert rc == 0, out[-3000:]
+
+    want = [(r["step"], r["loss"], r["grad_norm"]) for r in read_log(tmp_path / "reference")]
+    assert [s for s, _, _ in want] == list(range(1, total + 1))
+    for name in ("killed", "preempted"):
+        got = [(r["step"], r["loss"], r["grad_norm"]) for r in read_log(tmp_path / name)]
+        assert got == want, name  # bitwise: same data order, same RNG, same program
+
+
+@pytest.mark.slow
+def test_demo_learns_and_draws_the_requested_classes(tmp_path):
+    """The README's main job: configs/demo.py on CPU, as is."""
+    proc = subprocess.run(train_cmd(tmp_path / "demo"), cwd=ROOT, env=child_env(1),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = read_log(tmp_path / "demo")
+    config = demo.get_config()
+    assert log[-1]["step"] == config.total_steps
+    ratio = log[-1]["loss"] / log[0]["loss"]
+    print(f"demo loss {log[0]['loss']:.4f} -> {log[-1]['loss']:.4f} (ratio {ratio:.3f})")
+    assert ratio < 0.15
+    final = np.load(tmp_path / "demo" / "samples" / f"step_{config.total_steps:07d}.npz")
+    predicted = np.array([classify_image(image) for image in final["images"]])
+    accuracy = float(np.mean(predicted == final["labels"]))
+    print(f"demo samples: requested {final['labels'].tolist()}, drawn {predicted.tolist()}")
+    assert accuracy >= 0.75
+    assert (tmp_path / "demo" / "samples" / f"step_{config.total_steps:07d}.png").is_file()

@@ -1,0 +1,47 @@
+"""Train a DiT: `python train.py --config=configs/dit.py:XL/2 --workdir=DIR [--config.key=value ...]`.
+
+Running the same command again with the same workdir resumes from its newest checkpoint. On
+several hosts, run the same command on every host (see docs/launch.md). Exit status: 0 when
+total_steps are done, 143 after a preemption save (SIGTERM), 1 on a non-finite loss.
+"""
+
+import logging
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "training config file (e.g. configs/dit.py:XL/2)",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "directory for checkpoints, logs and samples")
+flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                  "call jax.distributed.initialize: auto = when launched as several processes")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs)")
+flags.DEFINE_integer("num_processes", None, "number of processes (multi-process runs)")
+flags.DEFINE_integer("process_id", None, "index of this process (multi-process runs)")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    from dit_jax.train import NonFiniteLossError, initialize_distributed, train
+    from dit_jax.train.loop import PREEMPTED_EXIT_CODE
+
+    # Orbax logs every file it writes at INFO; keep the console to this project's messages.
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("dit_jax").setLevel(logging.INFO)
+    initialize_distributed(FLAGS.distributed, coordinator_address=FLAGS.coordinator_address,
+                           num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    try:
+        result = train(FLAGS.config, FLAGS.workdir)
+    except NonFiniteLossError as err:
+        logging.error("%s", err)
+        sys.exit(1)
+    if result["status"] == "preempted":
+        sys.exit(PREEMPTED_EXIT_CODE)
+
+
+if __name__ == "__main__":
+    app.run(main)
