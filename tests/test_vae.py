@@ -194,10 +194,10 @@ def test_state_dict_errors_name_the_key(small):
 
     dropped = "decoder.up_blocks.1.resnets.0.conv_shortcut.bias"
     missing = {k: v for k, v in state_dict.items() if k != dropped}
-    with pytest.raises(VAEWeightsError, match=re.escape(f"missing keys: {dropped}")):
+    with pytest.raises(VAEWeightsError, match=re.escape(f"missing key(s) ['{dropped}']")):
         vae_from_torch_state_dict(missing, config)
 
-    with pytest.raises(VAEWeightsError, match=r"unexpected keys: encoder\.extra\.weight"):
+    with pytest.raises(VAEWeightsError, match=re.escape("unexpected key(s) ['encoder.extra.weight']")):
         vae_from_torch_state_dict(dict(state_dict, **{"encoder.extra.weight": torch.zeros(1)}), config)
 
     wrong = dict(state_dict, **{"encoder.conv_in.weight": torch.zeros(32, 3, 5, 5)})

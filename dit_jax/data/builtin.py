@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from dit_jax.data.source import BatchSource
+
 # (name, shape, RGB in 0..255). Colours far apart in RGB so that nearest-colour classification
 # stays unambiguous even for imperfect samples.
 CLASSES = (
@@ -26,7 +28,7 @@ COLOURS = np.asarray([c[2] for c in CLASSES], np.float32) / 255.0
 _SUPERSAMPLE = 2  # shapes are drawn at 2× and box-filtered, for anti-aliased edges
 
 
-class BuiltinShapes:
+class BuiltinShapes(BatchSource):
     """`size` examples of `image_size`² pixels; random access (grain's RandomAccessDataSource)."""
 
     DEFAULT_SIZE = 50_000
@@ -39,13 +41,6 @@ class BuiltinShapes:
         self.seed = int(seed)
         self.num_classes = len(CLASSES)
         self.element_shape = (self.image_size, self.image_size, 3)
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __getitem__(self, index: int) -> dict:
-        batch = self.get_batch(np.asarray([index]))
-        return {"x": batch["x"][0], "y": int(batch["y"][0])}
 
     def get_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         indices = np.asarray(indices, np.int64).reshape(-1)

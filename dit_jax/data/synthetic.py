@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from dit_jax.data.source import BatchSource
 
-class SyntheticLatents:
+
+class SyntheticLatents(BatchSource):
     """`size` examples: x ~ N(0, 1) of `shape` (H, W, C), y uniform in [0, num_classes)."""
 
     DEFAULT_SIZE = 1_000_000
@@ -17,13 +19,6 @@ class SyntheticLatents:
         self.num_classes = int(num_classes)
         self.size = int(size)
         self.seed = int(seed)
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __getitem__(self, index: int) -> dict:
-        batch = self.get_batch(np.asarray([index]))
-        return {"x": batch["x"][0], "y": int(batch["y"][0])}
 
     def get_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         indices = np.asarray(indices, np.int64).reshape(-1)

@@ -50,6 +50,7 @@ from flax import nnx
 
 from dit_jax.checkpoint import RUNTIME_FIELDS, is_model_checkpoint, load_model, with_config
 from dit_jax.models.dit import DIT_CONFIGS, DiT, DiTConfig, convert_blocks, sincos_2d
+from dit_jax.port.keys import check_keys
 
 DOWNLOAD_HELP = (
     "The official DiT weights are the DiT repository's downloads "
@@ -187,23 +188,13 @@ def _to_torch_layout(array: np.ndarray, kind: str) -> np.ndarray:
     return array
 
 
-def _check_keys(found, expected, what: str):
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing key(s) {missing}")
-        if unexpected:
-            parts.append(f"unexpected key(s) {unexpected}")
-        raise ValueError(f"{what}: " + "; ".join(parts))
 
 
 def _build(state_dict: Mapping[str, np.ndarray], cfg: DiTConfig) -> DiT:
     """A DiT of `cfg` holding an official-layout state_dict, loaded strictly."""
     plain = dataclasses.replace(cfg, scan_blocks=False)
     table = official_keys(plain)
-    _check_keys(state_dict, table, "the state_dict does not match the official DiT layout")
+    check_keys(state_dict, table, "the state_dict does not match the official DiT layout")
     model = nnx.eval_shape(lambda: DiT(plain))
     state = nnx.state(model)
     values = nnx.to_pure_dict(state)
@@ -410,7 +401,7 @@ def diffusers_to_official(state_dict: Mapping[str, np.ndarray],
     qkv = [f"transformer_blocks.{i}.attn1.to_{n}.{p}"
            for i in range(depth) for n in "qkv" for p in ("weight", "bias")]
     copies = [f"transformer_blocks.{i}.norm1.emb.{k}" for i in range(depth) for k in _EMBEDDERS]
-    _check_keys(state_dict, [*mapping, *qkv, *copies],
+    check_keys(state_dict, [*mapping, *qkv, *copies],
                 f"the state_dict does not match a {depth}-layer diffusers {DIFFUSERS_CLASS}")
     out = {dst: state_dict[src] for src, dst in mapping.items()}
     for i in range(depth):

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dit_jax.port.keys import check_keys
 from dit_jax.models.vae import AutoencoderKL, VAEConfig
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -111,18 +112,10 @@ def vae_from_torch_state_dict(state_dict: Mapping[str, Any],
 
     paths = jax.tree_util.tree_flatten_with_path(pure)[0]
     keys = {_torch_key(tuple(p.key for p in path)): (path, leaf) for path, leaf in paths}
-    missing = sorted(set(keys) - set(weights))
-    unexpected = sorted(set(weights) - set(keys))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {', '.join(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {', '.join(unexpected)}")
-        raise VAEWeightsError(
-            f"state dict does not match the AutoencoderKL config (block_out_channels="
-            f"{list(cfg.block_out_channels)}, layers_per_block={cfg.layers_per_block}, "
-            f"latent_channels={cfg.latent_channels}): " + "; ".join(parts))
+    check_keys(weights, keys,
+               f"state dict does not match the AutoencoderKL config (block_out_channels="
+               f"{list(cfg.block_out_channels)}, layers_per_block={cfg.layers_per_block}, "
+               f"latent_channels={cfg.latent_channels})", VAEWeightsError)
 
     arrays = {key: jnp.asarray(_to_flax(_as_numpy(weights[key]), leaf.shape, key), jnp.float32)
               for key, (_, leaf) in keys.items()}
