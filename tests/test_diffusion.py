@@ -605,3 +605,25 @@ def test_sharded_sampling_equals_single_device():
     assert len(sharded.sharding.device_set) == 8
     assert sharded.sharding.is_equivalent_to(batch, sharded.ndim)
     np.testing.assert_allclose(sharded, single, rtol=1e-5, atol=1e-5)
+
+
+def test_official_method_names_delegate_to_the_functions():
+    diffusion = D.create_diffusion("10")
+    rng = np.random.default_rng(5)
+    x0 = jnp.asarray(rng.standard_normal((2, 4, 4, 4)), jnp.float32)
+    noise = jnp.asarray(rng.standard_normal((2, 4, 4, 4)), jnp.float32)
+    t = jnp.array([0, 7])
+
+    def model_fn(x, t):
+        return jnp.concatenate([0.5 * x, jnp.tanh(x)], axis=-1)
+
+    np.testing.assert_array_equal(diffusion.q_sample(x0, t, noise), D.q_sample(diffusion, x0, t, noise))
+    method = diffusion.training_losses(model_fn, x0, t, noise)
+    function = D.training_losses(diffusion, model_fn, x0, t, noise)
+    for name in ("loss", "mse", "vb"):
+        np.testing.assert_array_equal(method[name], function[name])
+    key = jax.random.key(0)
+    np.testing.assert_array_equal(diffusion.p_sample_loop(model_fn, noise, key),
+                                  D.p_sample_loop(diffusion, model_fn, noise, key))
+    np.testing.assert_array_equal(diffusion.ddim_sample_loop(model_fn, noise, eta=0.0),
+                                  D.ddim_sample_loop(diffusion, model_fn, noise))

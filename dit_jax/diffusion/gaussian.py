@@ -244,6 +244,20 @@ class GaussianDiffusion:
         """The original timesteps (what the model sees) of process steps t."""
         return jnp.asarray(self._timestep_map32)[t]
 
+    # The official method names (`diffusion.training_losses(model_fn, x_start, t, noise)`), so
+    # code written against the PyTorch release reads the same; the functions below do the work.
+    def q_sample(self, x_start, t, noise):
+        return q_sample(self, x_start, t, noise)
+
+    def training_losses(self, model_fn, x_start, t, noise):
+        return training_losses(self, model_fn, x_start, t, noise)
+
+    def p_sample_loop(self, model_fn, x_T, key, **options):
+        return p_sample_loop(self, model_fn, x_T, key, **options)
+
+    def ddim_sample_loop(self, model_fn, x_T, key=None, **options):
+        return ddim_sample_loop(self, model_fn, x_T, key, **options)
+
     def __repr__(self):
         return (f"GaussianDiffusion(num_timesteps={self.num_timesteps}, "
                 f"original_num_steps={self.original_num_steps}, mean={self.model_mean_type}, "
