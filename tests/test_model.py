@@ -243,6 +243,40 @@ def test_remat_and_scanned_forms_equal_plain():
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("scan_blocks", [False, True])
+def test_remat_policy_by_name_gives_the_same_values(scan_blocks):
+    model = small_model(scan_blocks=scan_blocks)
+    x, t, y = small_inputs()
+    graphdef, state = nnx.split(model)
+
+    def loss_and_grad(remat):
+        gd = nnx.graphdef(dit.DiT(dataclasses.replace(model.config, remat=remat), rngs=nnx.Rngs(0)))
+        fn = lambda s: jnp.mean(nnx.merge(gd, s)(x, t, y) ** 2)  # noqa: E731
+        return jax.jit(jax.value_and_grad(fn))(state)
+
+    reference = loss_and_grad(False)
+    for remat in (True, "dots_with_no_batch_dims_saveable"):
+        for a, b in zip(jax.tree.leaves(loss_and_grad(remat)), jax.tree.leaves(reference)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="checkpoint_policies"):
+        dit.DiTConfig(**SMALL, remat="no_such_policy")
+
+
+def test_scanned_model_runs_inside_another_scan():
+    # The samplers (and gradient accumulation) call the model inside a lax.scan.
+    model = small_model(scan_blocks=True)
+    x, t, y = small_inputs()
+
+    @jax.jit
+    def twice(x):
+        def body(x, _):
+            return model(x, t, y)[..., :4], None
+        return jax.lax.scan(body, x, None, length=2)[0]
+
+    expected = model(model(x, t, y)[..., :4], t, y)[..., :4]
+    np.testing.assert_allclose(np.asarray(twice(x)), np.asarray(expected), rtol=1e-5, atol=1e-6)
+
+
 def test_attention_matches_explicit_softmax():
     model = small_model()
     attn = model.blocks[0].attn

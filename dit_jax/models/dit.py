@@ -63,7 +63,9 @@ class DiTConfig:
     numerics: str = "official"
     dtype: Any = jnp.float32  # compute dtype of the attention and MLP matmuls
     attention_impl: str = "xla"  # "xla" or "cudnn" (flash attention on NVIDIA GPUs)
-    remat: bool = False  # rematerialise each block in the backward pass
+    # Rematerialise each block in the backward pass: True recomputes everything; the name of a
+    # jax.checkpoint_policies policy (e.g. "dots_with_no_batch_dims_saveable") keeps what it saves.
+    remat: bool | str = False
     scan_blocks: bool = False  # one stacked block scanned `depth` times (faster compiles)
 
     def __post_init__(self):
@@ -81,6 +83,10 @@ class DiTConfig:
             raise ValueError(f"numerics must be one of {sorted(NUMERICS)}, got {self.numerics!r}")
         if self.attention_impl not in ("xla", "cudnn"):
             raise ValueError(f"attention_impl must be 'xla' or 'cudnn', got {self.attention_impl!r}")
+        if isinstance(self.remat, str) and not callable(
+                getattr(jax.checkpoint_policies, self.remat, None)):
+            raise ValueError(f"remat must be a bool or a jax.checkpoint_policies name, "
+                             f"got {self.remat!r}")
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -342,11 +348,16 @@ class DiT(nnx.Module):
             def body(carry, layer):
                 return nnx.merge(graphdef, layer)(carry, c), None
             if cfg.remat:
-                body = jax.checkpoint(body)
+                body = jax.checkpoint(body, policy=self._remat_policy())
             return jax.lax.scan(body, x, stacked)[0]
         for block in self.blocks:
-            x = nnx.remat(type(block).__call__)(block, x, c) if cfg.remat else block(x, c)
+            x = (nnx.remat(type(block).__call__, policy=self._remat_policy())(block, x, c)
+                 if cfg.remat else block(x, c))
         return x
+
+    def _remat_policy(self):
+        remat = self.config.remat
+        return getattr(jax.checkpoint_policies, remat) if isinstance(remat, str) else None
 
 
 def _stacked_blocks(cfg: DiTConfig, rngs: nnx.Rngs) -> DiTBlock:
