@@ -10,17 +10,18 @@ The JAX step is the library's (`dit_jax.train.step`, jitted over a one-device me
 donated, EMA inside the step, no host round trip), with the official recipe of configs/dit.py:
 AdamW lr 1e-4, betas (0.9, 0.999), no weight decay, EMA 0.9999. The PyTorch step is
 diffusers' DiTTransformer2DModel patched to the official numerics, the same loss (MSE + VB,
-written out in common.py), the same random draws per step (timesteps, noise, label dropout, on
-the device), in two variants:
+written out in common.py), the same per-step random draws (timesteps, noise, label dropout) made
+on the device, in two variants:
 
 - "torch fast": what a performance-minded user writes: bf16 autocast on a GPU (float32 on a CPU),
   SDPA attention (diffusers' default), fused AdamW, EMA as torch._foreach_mul_/_foreach_add_;
 - "torch official": the official train.py recipe: float32 weights and activations, TF32 matmuls
   on a GPU, default AdamW, EMA as a Python loop over named parameters.
 
-Defaults: on a CPU DiT-S/2 and DiT-B/4, batch 8, float32 (the CPU goal); on a GPU DiT-XL/2,
-batch 32 (the official global batch of 256 over 8 GPUs), bfloat16 compute with float32 master
-weights, cuDNN flash attention, scanned layers, no remat.
+Defaults: on a CPU DiT-S/2 and DiT-B/4, batch 8, float32 (the CPU goal), scanned layers, remat
+saving only the matmul outputs; on a GPU DiT-XL/2, batch 32 (the official global batch of 256 over
+8 GPUs), bfloat16 compute with float32 master weights, cuDNN flash attention, scanned layers, no
+remat.
 
 Writes bench/results/train_<platform>.json and prints the tables.
 """
@@ -395,7 +396,7 @@ def main(argv=None) -> dict:
     models = args.models.split(",") if args.models else d["models"]
     batch = args.batch or d["batch"]
     dtype = args.dtype or d["dtype"]
-    iters = args.iters or (3 if args.quick else (10 if platform == "cpu" else 10))
+    iters = args.iters or (3 if args.quick else 10)
     inner = 1 if platform == "cpu" else 5
     sections = set(args.only.split(","))
     remat = args.remat or d["remat"]
@@ -426,7 +427,7 @@ def main(argv=None) -> dict:
                 row = common.run_worker(SCRIPT, [*side, "--model", model, *base],
                                         platform=platform)
                 row.setdefault("variant", label)
-                row.update(model=model, batch=batch, dtype=dtype)
+                row.update(model=model, batch=batch, dtype=dtype, side=label)
                 if "timing" in row:
                     seconds = row["timing"]["median_s"]
                     precision = ("tf32" if row.get("precision") == "fp32+tf32" else
@@ -440,7 +441,7 @@ def main(argv=None) -> dict:
             jax_row = rows[0]
             for row in rows[1:]:
                 if "images_per_s" in row and "images_per_s" in jax_row:
-                    key = "jax_speedup_vs_" + row["variant"].split(" (")[0].replace(" ", "_")
+                    key = "jax_speedup_vs_" + row["side"].replace(" ", "_")
                     jax_row[key] = jax_row["images_per_s"] / row["images_per_s"]
                     row["jax_speedup"] = jax_row["images_per_s"] / row["images_per_s"]
             report["rows"] += rows
