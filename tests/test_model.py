@@ -256,8 +256,9 @@ def test_remat_policy_by_name_gives_the_same_values(scan_blocks):
 
     reference = loss_and_grad(False)
     for remat in (True, "dots_with_no_batch_dims_saveable"):
+        # Recomputation may reorder float32 sums (newer XLA fuses differently), so allow rounding.
         for a, b in zip(jax.tree.leaves(loss_and_grad(remat)), jax.tree.leaves(reference)):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-9)
     with pytest.raises(ValueError, match="checkpoint_policies"):
         dit.DiTConfig(**SMALL, remat="no_such_policy")
 
