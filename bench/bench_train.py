@@ -50,12 +50,8 @@ CPU_REMAT = "dots_with_no_batch_dims_saveable"
 
 def defaults(platform: str) -> dict:
     if platform == "gpu":
-        return dict(models=["DiT-XL/2"], batch=32, dtype="bfloat16", remat="0")
+        return dict(models=["DiT-XL/2"], batch=32, dtype="bfloat16", remat="none")
     return dict(models=["DiT-S/2", "DiT-B/4"], batch=8, dtype="float32", remat=CPU_REMAT)
-
-
-def parse_remat(value: str) -> bool | str:
-    return {"0": False, "1": True, "false": False, "true": True}.get(value.lower(), value)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -357,8 +353,8 @@ def main(argv=None) -> dict:
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--scan-blocks", type=int, default=1, help="1: scanned layers, 0: unrolled")
     p.add_argument("--remat", default=None,
-                   help="0, 1 (recompute everything) or a jax.checkpoint_policies name; default: "
-                        f"{CPU_REMAT} on a CPU (fastest there, see BENCHMARKS.md), 0 on a GPU")
+                   help="none, full (recompute everything) or a jax.checkpoint_policies name; default: "
+                        f"{CPU_REMAT} on a CPU (fastest there, see BENCHMARKS.md), none on a GPU")
     p.add_argument("--attention", default=None, choices=["xla", "cudnn"])
     p.add_argument("--only", default="throughput,compile,memory",
                    help="sections to run: throughput, compile, memory (memory: GPU only)")
@@ -385,7 +381,8 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
 
     if args.worker:
-        args.scan_blocks, args.remat = bool(args.scan_blocks), parse_remat(args.remat or "0")
+        from dit_jax.train.state import parse_remat
+        args.scan_blocks, args.remat = bool(args.scan_blocks), parse_remat(args.remat or "none")
         worker = {"jax": jax_worker, "torch": torch_worker, "compile": compile_worker,
                   "memory": memory_worker}[args.worker]
         common.write_worker_result(args.out, worker(args))
@@ -403,7 +400,7 @@ def main(argv=None) -> dict:
     report = {"benchmark": "train_step", "platform": platform, **common.environment(),
               "config": {"models": models, "batch": batch, "dtype": dtype,
                          "image_size": args.image_size, "iters": iters, "inner": inner,
-                         "scan_blocks": bool(args.scan_blocks), "remat": parse_remat(remat),
+                         "scan_blocks": bool(args.scan_blocks), "remat": remat,
                          "ema_decay": EMA_DECAY, "optimizer": "AdamW lr 1e-4 (0.9, 0.999) wd 0"},
               "rows": [], "compile": [], "memory": []}
     common_args = ["--image-size", str(args.image_size), "--platform", platform,
@@ -481,14 +478,14 @@ def main(argv=None) -> dict:
             report["memory_note"] = "the largest-batch search needs a GPU (XLA:CPU has no limit)"
             print(report["memory_note"])
         else:
-            for remat in (0, 1):
+            for remat in ("none", "full"):
                 row = common.run_worker(SCRIPT, [
                     "--worker", "memory", "--model", args.compile_model, "--dtype", dtype,
                     "--image-size", str(args.image_size), "--platform", platform,
-                    "--scan-blocks", str(args.scan_blocks), "--remat", str(remat)]
+                    "--scan-blocks", str(args.scan_blocks), "--remat", remat]
                     + (["--attention", args.attention] if args.attention else []),
                     platform=platform, mem_fraction=0.95)
-                row.setdefault("remat", bool(remat))
+                row.setdefault("remat", remat == "full")
                 report["memory"].append(row)
             tables.append(common.print_table(
                 f"Largest {args.compile_model} batch that trains ({dtype})", report["memory"],

@@ -32,7 +32,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.learn_sigma = True
     c.model.dtype = "bfloat16"  # compute dtype; parameters stay float32
     c.model.attention_impl = "xla"  # "cudnn": flash attention on NVIDIA GPUs
-    c.model.remat = False
+    # Rematerialisation per block: "none", "full" (recompute everything in the backward pass), or a
+    # jax.checkpoint_policies name that keeps some results, e.g. "dots_with_no_batch_dims_saveable".
+    c.model.remat = "none"
     c.model.scan_blocks = False
     # Plain hyper-parameters for custom sizes; used when name is "" (None means: from name).
     c.model.hidden_size = ml_collections.FieldReference(None, field_type=int)

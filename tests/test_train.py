@@ -242,9 +242,17 @@ def test_retention_keeps_the_latest_and_every_kth(tmp_path):
 
 def test_model_config_follows_the_training_config():
     config = demo.get_config()
-    config.model.remat, config.model.dtype = True, "bfloat16"
+    config.model.remat, config.model.dtype = "full", "bfloat16"
     cfg = model_config_from(config, num_classes=4, in_channels=3, input_size=32)
     assert (cfg.remat, cfg.dtype, cfg.hidden_size, cfg.num_classes) == (True, jnp.bfloat16, 96, 4)
+    for remat, expected in (("none", False), ("dots_with_no_batch_dims_saveable",
+                                              "dots_with_no_batch_dims_saveable")):
+        config.model.remat = remat
+        assert model_config_from(config, num_classes=4, in_channels=3,
+                                 input_size=32).remat == expected
+    config.model.remat = "no_such_policy"
+    with pytest.raises(ValueError, match="checkpoint_policies"):
+        model_config_from(config, num_classes=4, in_channels=3, input_size=32)
     official = model_config_from(__import__("configs.dit", fromlist=["x"]).get_config("XL/2"),
                                  num_classes=1000, in_channels=4, input_size=32)
     assert (official.depth, official.hidden_size, official.patch_size) == (28, 1152, 2)
@@ -262,7 +270,9 @@ def test_optimizer_options():
     optim.schedule = "constant"
     assert float(make_schedule(optim, 110)(50)) == 1.0
 
-    params = nnx.State({"w": nnx.Param(jnp.ones((2, 2))), "b": nnx.Param(jnp.ones((2,)))})
+    # A scanned model's biases are stacked (depth, D): still biases, still not decayed.
+    params = nnx.State({"kernel": nnx.Param(jnp.ones((2, 2))), "bias": nnx.Param(jnp.ones((2,))),
+                        "blocks": {"bias": nnx.Param(jnp.ones((3, 2)))}})
     grads = jax.tree.map(lambda p: p * 100.0, params)
     optim = demo.get_config().optim
     optim.schedule, optim.warmup_steps, optim.lr = "constant", 0, 0.1
@@ -270,8 +280,16 @@ def test_optimizer_options():
     tx, _ = make_optimizer(optim, 10)
     updates, _ = tx.update(grads, tx.init(params), params)
     # Adam's first step is lr·sign(g), plus decoupled decay lr·wd·p on the matrix only.
-    np.testing.assert_allclose(np.asarray(updates["b"][...]), -0.1, rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(updates["w"][...]), -0.1 - 0.05, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(updates["bias"][...]), -0.1, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(updates["blocks"]["bias"][...]), -0.1, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(updates["kernel"][...]), -0.1 - 0.05, rtol=1e-5)
+    # Clipping and the mask leave the state's structure alone: a run resumes with them changed.
+    optim.grad_clip, optim.weight_decay_mask = 0.0, "all"
+    plain, _ = make_optimizer(optim, 10)
+    assert (jax.tree.structure(plain.init(params)) == jax.tree.structure(tx.init(params)))
+    optim.weight_decay_mask = "biases"
+    with pytest.raises(ValueError, match="weight_decay_mask"):
+        make_optimizer(optim, 10)
     clipped, _ = optax.clip_by_global_norm(1.0).update(grads, None)
     assert float(optax.tree.norm(clipped)) == pytest.approx(1.0)
 

@@ -64,8 +64,21 @@ def model_config_from(config, *, num_classes: int, in_channels: int, input_size:
     return DiTConfig(
         input_size=input_size, in_channels=in_channels, num_classes=num_classes,
         class_dropout_prob=float(m.class_dropout_prob), learn_sigma=bool(m.learn_sigma),
-        dtype=_DTYPES[m.dtype], attention_impl=m.attention_impl, remat=bool(m.remat),
+        dtype=_DTYPES[m.dtype], attention_impl=m.attention_impl, remat=parse_remat(m.remat),
         scan_blocks=bool(m.scan_blocks), **fields)
+
+
+def parse_remat(value: bool | str) -> bool | str:
+    """The config's `model.remat` ("none", "full" or a jax.checkpoint_policies name; booleans and
+    "true"/"false" from older configs too) as DiTConfig.remat."""
+    if isinstance(value, bool):
+        return value
+    word = str(value).strip()
+    if word.lower() in ("none", "false", "0", ""):
+        return False
+    if word.lower() in ("full", "true", "1"):
+        return True
+    return word  # DiTConfig checks that the policy exists
 
 
 def split_model(cfg: DiTConfig):
@@ -119,28 +132,35 @@ def make_schedule(optim, total_steps: int):
 
 def weight_decay_mask(params: nnx.State, kind: str):
     """Which parameters weight decay applies to: "all" (torch AdamW's default) or "matrices"
-    (weights of rank ≥ 2 only: no biases)."""
-    if kind == "all":
-        return None
-    if kind == "matrices":
-        return jax.tree.map(lambda x: x.ndim >= 2, params)
-    raise ValueError(f"optim.weight_decay_mask must be 'all' or 'matrices', got {kind!r}")
+    (everything but the biases). Decided by name, not rank, so that the stacked blocks of a
+    scanned model (biases of shape (depth, D)) are masked like the plain ones."""
+    if kind not in ("all", "matrices"):
+        raise ValueError(f"optim.weight_decay_mask must be 'all' or 'matrices', got {kind!r}")
+
+    def decays(path, _):
+        names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+        return kind == "all" or names[-1] != "bias"
+
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(optim, total_steps: int):
     """(optax transformation, lr schedule). Official recipe by default: AdamW lr 1e-4, betas
-    (0.9, 0.999), weight decay 0, constant, no clipping."""
+    (0.9, 0.999), weight decay 0, constant, no clipping.
+
+    The optimizer state has one tree structure whatever the options (clipping is an identity when
+    off, the decay mask is always there), so that a run can resume with clipping or the mask
+    changed, which is what one does after a loss spike."""
     schedule = make_schedule(optim, total_steps)
     mask_kind = optim.get("weight_decay_mask", "all")
+    weight_decay_mask(nnx.State({"bias": 0.0}), mask_kind)  # a bad name fails here, not in jit
     adamw = optax.adamw(
         schedule, b1=float(optim.b1), b2=float(optim.b2), eps=float(optim.eps),
         weight_decay=float(optim.weight_decay),
-        mask=None if mask_kind == "all" else (lambda p: weight_decay_mask(p, mask_kind)))
-    parts = []
-    if optim.grad_clip and float(optim.grad_clip) > 0:
-        parts.append(optax.clip_by_global_norm(float(optim.grad_clip)))
-    parts.append(adamw)
-    return optax.chain(*parts), schedule
+        mask=lambda p: weight_decay_mask(p, mask_kind))
+    clip = float(optim.grad_clip or 0.0)
+    return optax.chain(optax.clip_by_global_norm(clip) if clip > 0 else optax.identity(),
+                       adamw), schedule
 
 
 def ema_update(ema: nnx.State, params: nnx.State, decay) -> nnx.State:
