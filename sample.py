@@ -39,6 +39,12 @@ flags.DEFINE_integer("seed", 0, "random seed")
 flags.DEFINE_string("out", "samples", "output directory: grid.png, samples/, chunks/")
 flags.DEFINE_string("npz", None, "also write the ADM-evaluator .npz here")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype of the DiT")
+flags.DEFINE_enum("numerics", None, ["official", "diffusers"],
+                  "numerics of the DiT (default: the weights' own). The hub's facebook/DiT-XL-2-* "
+                  "hold the released weights: 'official' computes the paper's function with them")
+flags.DEFINE_bool("clip_denoised", False, "clip x0 to [-1, 1] at each step (pixel-space models)")
+flags.DEFINE_string("noise_schedule", "linear", "the noise schedule the model was trained with")
+flags.DEFINE_integer("diffusion_steps", 1000, "the diffusion steps the model was trained with")
 flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                   "call jax.distributed.initialize: auto = when launched as several processes")
 
@@ -68,7 +74,8 @@ def request_from_flags() -> SampleRequest:
         labels=labels, num_samples=FLAGS.num_samples, batch_size=FLAGS.batch_size,
         cfg_scale=FLAGS.cfg_scale, guidance_channels=FLAGS.guidance_channels,
         sampler=FLAGS.sampler, steps=FLAGS.steps, seed=FLAGS.seed, out=FLAGS.out, npz=FLAGS.npz,
-        dtype=FLAGS.dtype)
+        dtype=FLAGS.dtype, numerics=FLAGS.numerics, clip_denoised=FLAGS.clip_denoised,
+        noise_schedule=FLAGS.noise_schedule, diffusion_steps=FLAGS.diffusion_steps)
 
 
 def main(argv):

@@ -104,7 +104,8 @@ def bench_one(sampler, steps, params, apply, shape, cfg_scale, rounds):
 
     def guided(args, x, t):
         params, y = args
-        fn = D.classifier_free_guidance(lambda x, t, y: apply(params, x, t, y), y, cfg_scale)
+        fn = D.classifier_free_guidance(lambda x, t, y: apply(params, x, t, y), y, cfg_scale,
+                                        null_label=1000)
         return fn(x, t)
 
     run = D.jit_sampler(LOOPS[sampler], diffusion, guided)

@@ -190,16 +190,13 @@ def forward_flops_per_image(name: str, image_size: int = 256) -> float:
 
 
 def peak_flops(device_kind: str, platform: str, precision: str) -> float | None:
-    """Dense peak FLOP/s of one device for `precision` ("bf16" or "tf32"), or None on a CPU or
-    an unknown device. The table in dit_jax.flops is for 16-bit inputs; on Ampere and Hopper
-    (and Ada) TF32 tensor cores run at half that rate (H100 SXM: 989 → 495 TFLOP/s)."""
+    """Dense peak FLOP/s of one device for `precision` ("bf16", or "tf32": float32 matmuls at
+    JAX's and PyTorch-with-TF32's default), or None on a CPU or an unknown device."""
     from dit_jax.flops import peak_flops_per_device
-    peak = peak_flops_per_device(device_kind, platform)
-    if peak is None or precision == "bf16":
-        return peak
-    if precision == "tf32":
-        return peak / 2
-    return None
+    if precision not in ("bf16", "tf32"):
+        return None
+    return peak_flops_per_device(device_kind, platform,
+                                 dtype="bfloat16" if precision == "bf16" else "float32")
 
 
 def throughput_fields(images_per_step: float, seconds: float, flops_per_step: float,

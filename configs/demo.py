@@ -30,7 +30,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.depth = 3
     c.model.num_heads = 4
     c.model.patch_size = 4
-    c.model.num_classes = -1  # follow the data
     c.model.dtype = "float32"  # bfloat16 matmuls are slow on most CPUs
 
     c.optim.lr = 3e-3

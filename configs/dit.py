@@ -27,7 +27,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "DiT-XL/2"
-    c.model.num_classes = 1000  # -1: follow the data's class count
+    c.model.num_classes = -1  # -1: the data's class count (1000 for ImageNet); 0: unconditional
     c.model.class_dropout_prob = 0.1
     c.model.learn_sigma = True
     c.model.dtype = "bfloat16"  # compute dtype; parameters stay float32
@@ -63,6 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.source = "latents"  # "builtin" | "synthetic" | "folder" | "latents"
     c.data.path = ""
+    c.data.layout = "auto"  # folder source: "auto" | "classes" (a subfolder each) | "flat" (no labels)
     c.data.image_size = 256
     c.data.num_workers = 4
     c.data.num_examples = 0  # size of the builtin / synthetic data (0: the source's default)

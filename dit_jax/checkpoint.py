@@ -64,6 +64,12 @@ def with_config(model: DiT, **changes) -> DiT:
             f"cannot change {fixed} of a loaded model (checkpoint has "
             f"{ {k: getattr(cfg, k, None) for k in fixed} }, asked "
             f"{ {k: changes[k] for k in fixed} }); only {list(RUNTIME_FIELDS)} can be overridden")
+    if "class_dropout_prob" in changes and cfg.num_classes and (
+            (changes["class_dropout_prob"] > 0) != (cfg.class_dropout_prob > 0)):
+        raise ValueError(
+            f"cannot change class_dropout_prob from {cfg.class_dropout_prob} to "
+            f"{changes['class_dropout_prob']}: whether it is 0 decides whether the label table "
+            f"has the null-class row (as released), so the weights would not fit")
     if "scan_blocks" in changes:
         model = convert_blocks(model, scan_blocks=changes.pop("scan_blocks"))
     if not changes:

@@ -38,7 +38,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from dit_jax.data.folder import ImageFolderSource
+from dit_jax.data.folder import LAYOUTS, ImageFolderSource, class_folders_for
 from dit_jax.data.latents import (FORMAT, MANIFEST, MANIFEST_STORED, labels_file, moments_file)
 from dit_jax.data.pipeline import ensure_absl_flags_parsed
 from dit_jax.sharding import batch_sharding, make_mesh, shard_batch
@@ -275,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         help="compute dtype of the encoder")
     parser.add_argument("--num-workers", type=int, default=4, help="image loading processes")
     parser.add_argument("--num-threads", type=int, default=8, help="loading threads per process")
-    parser.add_argument("--layout", default="auto", choices=["auto", "classes", "flat"],
+    parser.add_argument("--layout", default="auto", choices=list(LAYOUTS),
                         help="class subfolders, one flat unconditional folder, or decide")
     parser.add_argument("--distributed", default="auto", choices=["auto", "on", "off"],
                         help="jax.distributed.initialize for multi-host runs")
@@ -289,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         args.data, args.out, image_size=args.image_size, vae=args.vae, batch_size=args.batch_size,
         shard_size=args.shard_size, dtype=args.dtype, num_workers=args.num_workers,
         num_threads=args.num_threads,
-        class_folders={"auto": None, "classes": True, "flat": False}[args.layout],
+        class_folders=class_folders_for(args.layout),
         vae_dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.vae_dtype],
         progress=not args.no_progress)
     if jax.process_index() == 0:

@@ -12,6 +12,8 @@ pass costs twice the forward; recomputation under remat is not counted, as usual
 
 from __future__ import annotations
 
+import jax.numpy as jnp
+
 from dit_jax.models.dit import TIMESTEP_FREQ_DIM, DiTConfig
 
 
@@ -67,15 +69,18 @@ PEAK_TFLOPS = (
 )
 
 
-def peak_flops_per_device(device_kind: str, platform: str, override_tflops: float = 0.0
-                          ) -> float | None:
-    """FLOP/s of one device, or None where no meaningful peak exists (CPU) or the device is
-    unknown. `override_tflops` > 0 wins over the table."""
+def peak_flops_per_device(device_kind: str, platform: str, override_tflops: float = 0.0,
+                          dtype="bfloat16") -> float | None:
+    """FLOP/s of one device for matmuls in `dtype` (the model's compute dtype), or None where no
+    meaningful peak exists (CPU) or the device is unknown. `override_tflops` > 0 wins over the
+    table. float32 matmuls run, at JAX's default precision, as TF32 on NVIDIA GPUs (half the
+    16-bit rate on Ampere and later) and as one bfloat16 pass on TPUs (the 16-bit rate)."""
     if override_tflops and override_tflops > 0:
         return float(override_tflops) * 1e12
     if platform == "cpu":
         return None
     for name, tflops in PEAK_TFLOPS:
         if name.lower() in device_kind.lower():
-            return tflops * 1e12
+            sixteen_bit = jnp.dtype(dtype).itemsize <= 2
+            return tflops * 1e12 / (1 if sixteen_bit or platform == "tpu" else 2)
     return None

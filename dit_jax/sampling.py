@@ -69,6 +69,12 @@ class SampleRequest:
     out: str = "samples"
     npz: str | None = None
     dtype: str = "float32"  # compute dtype of the DiT matmuls
+    # None: the weights' own (official for official files and dit_jax checkpoints, diffusers for
+    # diffusers folders); "official" runs the hub's facebook/DiT-XL-2-* as the paper's function.
+    numerics: str | None = None
+    clip_denoised: bool = False  # clip x̂0 to [-1, 1] each step: pixel-space models
+    noise_schedule: str = "linear"  # the process the model was trained with
+    diffusion_steps: int = 1000
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
@@ -76,6 +82,8 @@ class SampleRequest:
         if self.guidance_channels not in GUIDANCE_CHANNELS:
             raise ValueError(f"guidance_channels must be one of {GUIDANCE_CHANNELS}, got "
                              f"{self.guidance_channels!r}")
+        if self.numerics not in (None, "official", "diffusers"):
+            raise ValueError(f"numerics must be 'official' or 'diffusers', got {self.numerics!r}")
         if self.labels is not None and not self.labels:
             raise ValueError("labels is empty: give at least one, or None for random labels")
         if min(self.batch_size, self.steps, self.total) < 1:
@@ -95,12 +103,15 @@ class SampleRequest:
         return min(self.batch_size, self.total - chunk * self.batch_size)
 
 
-def diffusion_for(sampler: str, steps: int, *, learn_sigma: bool = True):
+def diffusion_for(sampler: str, steps: int, *, learn_sigma: bool = True,
+                  noise_schedule: str = "linear", diffusion_steps: int = 1000):
     """The respaced diffusion of a sampler: `steps` time-uniform steps (the official respacing) for
     DDPM and DDIM, uniform in log-SNR for DPM-Solver++ (its recommended grid). Without a learned
-    variance the official fixed one (β_t) is used."""
+    variance the official fixed one (β_t) is used. `noise_schedule` / `diffusion_steps` are the
+    process the model was trained with (the official linear 1000 by default)."""
     spacing = f"logsnr{steps}" if sampler == "dpm++" else str(steps)
-    return diff.create_diffusion(spacing, learn_sigma=learn_sigma)
+    return diff.create_diffusion(spacing, learn_sigma=learn_sigma, noise_schedule=noise_schedule,
+                                 diffusion_steps=diffusion_steps)
 
 
 def _sample_loop(sampler: str) -> Callable:
@@ -119,7 +130,7 @@ def guided_model_fn(model: DiT, labels: jax.Array, cfg_scale: float, guidance_ch
     if cfg.num_classes == 0 or cfg_scale == 1.0:
         return lambda x, t: model_fn(x, t, labels)
     channels = min(3, cfg.in_channels) if guidance_channels == "3" else None
-    return diff.classifier_free_guidance(model_fn, labels, cfg_scale, null_label=cfg.num_classes,
+    return diff.classifier_free_guidance(model_fn, labels, cfg_scale, null_label=model.null_label,
                                          guide_channels=channels)
 
 
@@ -140,6 +151,13 @@ class Decoder:
     scale_factor: int  # pixels per latent pixel
     latent_channels: int
 
+    @classmethod
+    def of(cls, vae) -> Decoder:
+        """The decoder of a dit_jax AutoencoderKL."""
+        from dit_jax.models.vae import decode_latents
+        return cls(module=vae, decode=decode_latents, scale_factor=vae.scale_factor,
+                   latent_channels=vae.latent_channels)
+
 
 def writes_images(model: DiT, decoder: Decoder | None) -> bool:
     """Images for a decoder or a pixel-space model (1 or 3 channels); latents otherwise."""
@@ -147,56 +165,97 @@ def writes_images(model: DiT, decoder: Decoder | None) -> bool:
 
 
 class ChunkSampler:
-    """The jitted program that turns a chunk index and its labels into samples: uint8 images
-    (pixel-space model or a decoder) or float32 latents (latent model without decoder)."""
+    """The jitted program that turns a chunk index, its labels and the DiT's weights into samples:
+    uint8 images (pixel-space model or a decoder) or float32 latents (latent model without
+    decoder). The weights are an argument of each call, so that training can draw its sample
+    grids from the current EMA with the program compiled once.
 
-    def __init__(self, model: DiT, *, mesh: Mesh, batch_size: int, seed: int, sampler: str = "ddpm",
-                 steps: int = 250, cfg_scale: float = 4.0, guidance_channels: str = "3",
-                 decoder: Decoder | None = None):
-        cfg = model.config
+    `graphdef` and `weights` are a DiT split as `nnx.split(model, nnx.Param, ...)`; `weights` may
+    be abstract: only their shapes and logical axes are read, to shard them. `clip_denoised`
+    clips x̂0 to [-1, 1] at every step (pixel-space models); `noise_schedule` / `diffusion_steps`
+    name the process the model was trained with."""
+
+    def __init__(self, graphdef, weights: tuple, *, mesh: Mesh, batch_size: int, seed: int,
+                 sampler: str = "ddpm", steps: int = 250, cfg_scale: float = 4.0,
+                 guidance_channels: str = "3", decoder: Decoder | None = None,
+                 clip_denoised: bool = False, noise_schedule: str = "linear",
+                 diffusion_steps: int = 1000):
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; one of {SAMPLERS}")
         self.mesh = mesh
         # Every device gets an equal slice; padding rows are generated and thrown away.
         self.padded = math.ceil(batch_size / mesh.size) * mesh.size
-        images = writes_images(model, decoder)
-        height, width = (cfg.input_size,) * 2 if isinstance(cfg.input_size, int) else cfg.input_size
-        shape = (self.padded, height, width, cfg.in_channels)
-        diffusion = diffusion_for(sampler, steps, learn_sigma=cfg.learn_sigma)
         sample_loop = _sample_loop(sampler)
         rows = batch_sharding(mesh, 4)
-
-        graphdef, state = nnx.split(model)
-        modules = {"dit": state}
+        self.weight_shardings = state_shardings(weights, mesh)
+        vae_graphdef = vae_shardings = self.vae_weights = None
         if decoder is not None:
-            vae_graphdef, modules["vae"] = nnx.split(decoder.module)
-        shardings = {name: state_shardings(s, mesh) for name, s in modules.items()}
-        self.weights = place(modules, shardings)
+            vae_graphdef, vae_state = nnx.split(decoder.module)
+            vae_shardings = state_shardings(vae_state, mesh)
+            self.vae_weights = place(vae_state, vae_shardings)
 
-        def run(weights, chunk, labels):
+        def run(weights, vae_weights, chunk, labels):
+            dit = nnx.merge(graphdef, *weights)
+            cfg = dit.config
+            height, width = ((cfg.input_size,) * 2 if isinstance(cfg.input_size, int)
+                             else cfg.input_size)
             key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), NOISE_STREAM), chunk)
             noise_key, step_key = jax.random.split(key)
-            x_T = jax.lax.with_sharding_constraint(jax.random.normal(noise_key, shape), rows)
-            dit = nnx.merge(graphdef, weights["dit"])
+            x_T = jax.lax.with_sharding_constraint(
+                jax.random.normal(noise_key, (self.padded, height, width, cfg.in_channels)), rows)
             model_fn = guided_model_fn(dit, labels, cfg_scale, guidance_channels)
+            if clip_denoised:
+                model_fn = clip_denoised_fn(model_fn, diff.create_diffusion(
+                    "", noise_schedule=noise_schedule, diffusion_steps=diffusion_steps),
+                    cfg.in_channels)
+            diffusion = diffusion_for(sampler, steps, learn_sigma=cfg.learn_sigma,
+                                      noise_schedule=noise_schedule,
+                                      diffusion_steps=diffusion_steps)
             x = sample_loop(diffusion, model_fn, x_T, step_key)
             if decoder is not None:
-                x = decoder.decode(nnx.merge(vae_graphdef, weights["vae"]), x)
-            return to_uint8(x) if images else x.astype(jnp.float32)
+                x = decoder.decode(nnx.merge(vae_graphdef, vae_weights), x)
+            return to_uint8(x) if writes_images(dit, decoder) else x.astype(jnp.float32)
 
         self._labels_sharding = batch_sharding(mesh, 1)
         self._run = jax.jit(
-            run, in_shardings=(shardings, NamedSharding(mesh, P()), self._labels_sharding),
+            run, in_shardings=(self.weight_shardings, vae_shardings, NamedSharding(mesh, P()),
+                               self._labels_sharding),
             out_shardings=batch_sharding(mesh, 4))
 
-    def __call__(self, chunk: int, labels: np.ndarray) -> np.ndarray:
-        """Samples for `labels` (at most batch_size) of chunk `chunk`, as NumPy on every host."""
+    def place(self, weights: tuple) -> tuple:
+        """Host (or differently placed) weights onto the sampler's shardings."""
+        return place(weights, self.weight_shardings)
+
+    def __call__(self, chunk: int, labels: np.ndarray, weights: tuple) -> np.ndarray:
+        """Samples for `labels` (at most batch_size) of chunk `chunk`, as NumPy on every host;
+        `weights` placed as `place` places them."""
         n = len(labels)
         padded = np.zeros(self.padded, np.int32)
         padded[:n] = labels
         global_labels = jax.make_array_from_callback(padded.shape, self._labels_sharding,
                                                      lambda index: padded[index])
         with jax.set_mesh(self.mesh):
-            out = self._run(self.weights, np.int32(chunk), global_labels)
+            out = self._run(weights, self.vae_weights, np.int32(chunk), global_labels)
         return np.asarray(multihost_utils.process_allgather(out, tiled=True))[:n]
+
+
+def clip_denoised_fn(model_fn, diffusion, channels: int, limit: float = 1.0):
+    """model_fn whose ε is re-derived from x̂0 clipped to [-limit, limit]: the `clip_denoised=True`
+    of the ADM samplers (DDPM's posterior mean and DDIM's step both follow from x̂0, and ε from
+    the clipped x̂0 reproduces it). For pixel-space data, which lives in [-1, 1]; the official DiT
+    samples unbounded latents and does not clip. `diffusion` is the unrespaced process: the model
+    sees original timesteps."""
+    sqrt_ab = jnp.asarray(diffusion.sqrt_alphas_cumprod, jnp.float32)
+    sqrt_1m_ab = jnp.asarray(diffusion.sqrt_one_minus_alphas_cumprod, jnp.float32)
+
+    def wrapped(x, t):
+        out = model_fn(x, t)
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        a, b = sqrt_ab[t].reshape(shape), sqrt_1m_ab[t].reshape(shape)
+        x0 = jnp.clip((x - b * out[..., :channels]) / a, -limit, limit)
+        return jnp.concatenate([(x - a * x0) / b, out[..., channels:]], axis=-1)
+
+    return wrapped
 
 
 def chunk_labels(request: SampleRequest, num_classes: int, chunk: int) -> np.ndarray:
@@ -291,12 +350,9 @@ def write_npz(path: Path, store: ChunkStore, chunks: Sequence[int], labels: np.n
 
 def load_vae_decoder(spec: str) -> Decoder:
     """The diffusers-format VAE `spec` (folder, hub id, or "ema"/"mse"), decoding in float32."""
-    from dit_jax.models.vae import decode_latents
     from dit_jax.port.vae import load_vae
 
-    vae = load_vae(VAE_SHORTHANDS.get(spec, spec))
-    return Decoder(module=vae, decode=decode_latents, scale_factor=vae.scale_factor,
-                   latent_channels=vae.latent_channels)
+    return Decoder.of(load_vae(VAE_SHORTHANDS.get(spec, spec)))
 
 
 def check_model(model: DiT, image_size: int | None, decoder: Decoder | None):
@@ -327,7 +383,8 @@ def sample(request: SampleRequest, *, mesh: Mesh | None = None, model: DiT | Non
 
     mesh = mesh if mesh is not None else make_mesh()
     if model is None:
-        model = load_any(request.ckpt, name=request.model, dtype=request.dtype)
+        numerics = {"numerics": request.numerics} if request.numerics else {}
+        model = load_any(request.ckpt, name=request.model, dtype=request.dtype, **numerics)
     cfg = model.config
     if decoder is None and request.vae.lower() != "none":
         decoder = load_vae_decoder(request.vae)
@@ -345,18 +402,22 @@ def sample(request: SampleRequest, *, mesh: Mesh | None = None, model: DiT | Non
     store = ChunkStore(out / "chunks", settings)
     chunks = range(request.num_chunks)
     todo = [c for c in chunks if not store.done(c)]
-    sampler = None
+    sampler = weights = None
     png_dir = out / "samples"
     progress = tqdm(total=request.total, unit="sample", disable=jax.process_index() != 0,
                     initial=request.total - sum(request.chunk_size(c) for c in todo))
     for chunk in todo:
         if sampler is None:  # compiled only when something is left to do
+            graphdef, *host_weights = nnx.split(model, nnx.Param, ...)
             sampler = ChunkSampler(
-                model, mesh=mesh, batch_size=request.batch_size, seed=request.seed,
-                sampler=request.sampler, steps=request.steps, cfg_scale=request.cfg_scale,
-                guidance_channels=request.guidance_channels, decoder=decoder)
+                graphdef, tuple(host_weights), mesh=mesh, batch_size=request.batch_size,
+                seed=request.seed, sampler=request.sampler, steps=request.steps,
+                cfg_scale=request.cfg_scale, guidance_channels=request.guidance_channels,
+                decoder=decoder, clip_denoised=request.clip_denoised,
+                noise_schedule=request.noise_schedule, diffusion_steps=request.diffusion_steps)
+            weights = sampler.place(tuple(host_weights))
         labels = chunk_labels(request, cfg.num_classes, chunk)
-        samples = sampler(chunk, labels)
+        samples = sampler(chunk, labels, weights)
         if images and jax.process_index() == 0:
             png_dir.mkdir(parents=True, exist_ok=True)
             for i, image in enumerate(samples, chunk * request.batch_size):

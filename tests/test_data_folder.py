@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dit_jax.data import Batches, make_source
 from dit_jax.data.folder import ImageFolderSource, load_class_mapping, save_class_mapping, scan_folder
 from dit_jax.data.pipeline import Loader, default_host_rows
 from dit_jax.data.transforms import center_crop_arr, hflip, normalize, preprocess
@@ -137,6 +138,26 @@ def test_scan_flat_folder_is_unconditional(tmp_path):
         scan_folder(root, class_folders=True)
 
 
+def test_layout_setting_forces_flat_or_class_folders(tmp_path):
+    # FFHQ-style: unconditional images stored in numbered subfolders.
+    root = make_image_folder(tmp_path / "ffhq", {"00000": 3, "01000": 4})
+    assert ImageFolderSource(root, 16).num_classes == 2  # what "auto" makes of it
+    flat = make_source(folder_config(root, 1, layout="flat").data)
+    assert flat.num_classes == 0 and flat.class_names == [] and len(flat) == 7
+    assert set(flat.labels.tolist()) == {0}
+    assert sorted(p.split("/")[-2] for p in flat.paths) == ["00000"] * 3 + ["01000"] * 4
+    assert make_source(folder_config(root, 1, layout="classes").data).num_classes == 2
+
+    flat_root = make_image_folder(tmp_path / "flat", flat=5)
+    with pytest.raises(ValueError, match="has no class subfolders"):
+        make_source(folder_config(flat_root, 1, layout="classes").data)
+    with pytest.raises(ValueError, match="unknown image folder layout 'flatt'"):
+        make_source(folder_config(flat_root, 1, layout="flatt").data)
+    # Latents carry the layout chosen at extraction; the training setting cannot change it.
+    with pytest.raises(ValueError, match="data.layout='flat' applies to data.source='folder'"):
+        make_source(folder_config(flat_root, 1, source="latents", layout="flat").data)
+
+
 def test_bad_folders_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         scan_folder(tmp_path / "missing")
@@ -192,7 +213,8 @@ class IndexSource:
 
 @pytest.mark.parametrize("n", [40, 42])
 def test_two_hosts_see_each_example_once_per_epoch(n):
-    g, batches = 8, 21  # 21 batches: 168 positions, i.e. 4 epochs of 42 (4.2 of 40)
+    g, batches = 8, 21  # 5 batches an epoch (42 drops 2 examples an epoch): 4.2 epochs
+    used = n - n % g
     hosts = [Loader(IndexSource(n), global_batch_size=g, seed=7, host_rows=default_host_rows(g, h, 2))
              for h in range(2)]
     single = Loader(IndexSource(n), global_batch_size=g, seed=7, host_rows=(0, g))
@@ -209,12 +231,59 @@ def test_two_hosts_see_each_example_once_per_epoch(n):
     restored = Loader(IndexSource(n), global_batch_size=g, seed=7, host_rows=default_host_rows(g, 1, 2))
     restored.set_state(hosts[0].get_state())
     np.testing.assert_array_equal(next(restored)["y"], next(hosts[1])["y"])
-    epochs = [stream[e * n:(e + 1) * n] for e in range(len(stream) // n)]
+    epochs = [stream[e * used:(e + 1) * used] for e in range(len(stream) // used)]
     for epoch in epochs:
-        assert sorted(epoch) == list(range(n))  # every example exactly once, on one host
+        assert len(set(epoch)) == used  # every example used once, on one host
     assert epochs[0] != epochs[1]  # reshuffled every epoch
-    assert set(per_host[0][: n // 2]).isdisjoint(per_host[1][: n // 2])
-    assert stream[:n] != list(range(n))  # actually shuffled
+    assert set(per_host[0][: used // 2]).isdisjoint(per_host[1][: used // 2])
+    assert stream[:used] != list(range(used))  # actually shuffled
+
+
+def _loader(n, g, rows):
+    return Loader(IndexSource(n), global_batch_size=g, seed=5, host_rows=rows)
+
+
+def _batches(n, g, rows):
+    return Batches(IndexSource(n), global_batch_size=g, seed=5, host_rows=rows)
+
+
+@pytest.mark.parametrize("make", [_loader, _batches], ids=["grain", "in-process"])
+def test_each_epoch_drops_its_partial_batch(make):
+    # 10 examples, global batch 4: 2 batches an epoch, 2 examples left out. Streaming the epochs
+    # back to back would put examples of two epochs (possibly the same one twice) in batch 2.
+    n, g, epochs = 10, 4, 12
+    hosts = [make(n, g, default_host_rows(g, h, 2)) for h in range(2)]
+    batches = [np.concatenate([next(host)["y"] for host in hosts]) for _ in range(2 * epochs)]
+    for batch in batches:
+        assert len(set(batch.tolist())) == g, batch  # no example twice in a global batch
+    left_out = []
+    for e in range(epochs):
+        epoch = np.concatenate(batches[2 * e:2 * e + 2]).tolist()
+        assert len(set(epoch)) == n - n % g  # the epoch's batches are disjoint
+        left_out.append(frozenset(range(n)) - set(epoch))
+    assert len(set(left_out)) > 1  # each epoch's shuffle picks the examples it leaves out
+    assert all(len(s) == n % g for s in left_out)
+
+    # Resuming mid-epoch (after batch 1, 5) or at an epoch boundary (after 2, 4) continues with
+    # exactly the next batch, on both hosts.
+    for at in (1, 2, 4, 5):
+        interrupted = make(n, g, default_host_rows(g, 0, 2))
+        for _ in range(at):
+            next(interrupted)
+        state = json.loads(json.dumps(interrupted.get_state()))  # as a checkpoint keeps it
+        resumed = [make(n, g, default_host_rows(g, h, 2)) for h in range(2)]
+        for host in resumed:
+            host.set_state(state)
+        for b in range(at, at + 3):
+            np.testing.assert_array_equal(
+                np.concatenate([next(host)["y"] for host in resumed]), batches[b])
+
+
+@pytest.mark.parametrize("make", [_loader, _batches], ids=["grain", "in-process"])
+def test_fewer_examples_than_a_global_batch_is_an_error(make):
+    with pytest.raises(ValueError, match="3 examples, fewer than the global batch size 4"):
+        make(3, 4, (0, 4))
+    make(4, 4, (0, 4))  # exactly one batch an epoch is enough
 
 
 def test_seed_changes_order_and_is_reproducible():
@@ -313,7 +382,7 @@ def test_folder_with_corrupt_files_trains_reports_skipped_and_resumes_exactly(tm
     for _ in range(3):
         next(reference)
         expected_skipped.append(reference.skipped)
-    assert expected_skipped[1] >= 2  # 16 positions cover the 14 files: both bad ones were hit
+    assert expected_skipped[1] >= 2  # the 8 of 14 files of epochs 0 and 1 hit both bad ones
 
     work = tmp_path / "work"
     straight = train(folder_config(root, 3, checkpoint_every=2), work)

@@ -483,14 +483,14 @@ def test_guidance_matches_hand_computation():
     everything = cond.copy()
     everything[..., :4] = uncond[..., :4] + s * (cond[..., :4] - uncond[..., :4])
     calls = []
-    g = D.classifier_free_guidance(toy_conditional(calls), y, s)
+    g = D.classifier_free_guidance(toy_conditional(calls), y, s, null_label=1000)
     np.testing.assert_allclose(g(x, t), released, rtol=1e-6)
     jax.effects_barrier()
     assert calls == [6]  # one batched 2N forward
-    g_all = D.classifier_free_guidance(f, y, s, guide_channels=None)
+    g_all = D.classifier_free_guidance(f, y, s, null_label=1000, guide_channels=None)
     np.testing.assert_allclose(g_all(x, t), everything, rtol=1e-6)
     calls.clear()
-    g1 = D.classifier_free_guidance(toy_conditional(calls), y, 1.0)
+    g1 = D.classifier_free_guidance(toy_conditional(calls), y, 1.0, null_label=1000)
     np.testing.assert_allclose(g1(x, t), cond, rtol=1e-6)
     jax.effects_barrier()
     assert calls == [3]  # scale 1: no doubled batch
@@ -501,8 +501,9 @@ def test_guidance_interval():
     y = jnp.array([2, 5])
     f = toy_conditional()
     calls = []
-    g = jax.jit(D.classifier_free_guidance(toy_conditional(calls), y, 3.0, interval=(100, 600)))
-    full = D.classifier_free_guidance(f, y, 3.0)
+    g = jax.jit(D.classifier_free_guidance(toy_conditional(calls), y, 3.0, null_label=1000,
+                                           interval=(100, 600)))
+    full = D.classifier_free_guidance(f, y, 3.0, null_label=1000)
     inside, outside = jnp.array([100, 600]), jnp.array([99, 601])
     np.testing.assert_allclose(g(x, inside), full(x, inside), rtol=1e-6)
     np.testing.assert_allclose(g(x, outside), f(x, outside, y), rtol=1e-6)
@@ -512,6 +513,34 @@ def test_guidance_interval():
     np.testing.assert_allclose(got[1], f(x, mixed, y)[1], rtol=1e-6)
     jax.effects_barrier()
     assert calls == [4, 2, 4]  # outside the interval only the conditional batch runs
+
+
+def test_guidance_takes_the_models_null_label():
+    from conftest import random_dit
+
+    with pytest.raises(TypeError, match="null_label"):
+        D.classifier_free_guidance(toy_conditional(), jnp.array([1]), 2.0)
+    with pytest.raises(TypeError, match="null_label must be an int"):
+        D.classifier_free_guidance(toy_conditional(), jnp.array([1]), 2.0, null_label=None)
+    model = random_dit(depth=1, hidden_size=32, num_heads=2, patch_size=2, input_size=4,
+                       num_classes=10)
+    assert model.null_label == 10
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.standard_normal((2, 4, 4, 4)), jnp.float32)
+    t, y = jnp.array([20, 700]), jnp.array([3, 9])
+    cond, uncond = np.asarray(model(x, t, y)), np.asarray(model(x, t, jnp.full_like(y, 10)))
+    expected = cond.copy()
+    expected[..., :3] = uncond[..., :3] + 2.5 * (cond[..., :3] - uncond[..., :3])
+    guided = D.classifier_free_guidance(model, y, 2.5, null_label=model.null_label)
+    np.testing.assert_allclose(guided(x, t), expected, rtol=1e-5, atol=1e-6)
+    assert np.abs(expected - cond).max() > 1e-3  # the null row really changes the output
+    # The old default, 1000, is past this 11-row table: a clear error rather than NaN rows.
+    with pytest.raises(ValueError, match=r"class labels must lie in \[0, 11\)"):
+        D.classifier_free_guidance(model, y, 2.5, null_label=1000)(x, t)
+    without_null = random_dit(depth=1, hidden_size=32, num_heads=2, patch_size=2, input_size=4,
+                              num_classes=10, class_dropout_prob=0.0)
+    with pytest.raises(ValueError, match="no null-label row"):
+        D.classifier_free_guidance(without_null, y, 2.5, null_label=without_null.null_label)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -590,7 +619,7 @@ def test_sharded_sampling_equals_single_device():
                 x, params["kernel"], (1, 1), "SAME",
                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
             + params["table"][y][:, None, None, :] + t[:, None, None, None] / 1000.0,
-            y, 2.0)
+            y, 2.0, null_label=1000)
         return cond(x, t)
 
     run = D.jit_sampler(D.p_sample_loop, d, apply_fn)

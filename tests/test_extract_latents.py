@@ -226,6 +226,17 @@ def test_unconditional_folder_and_float16_storage(extracted, tmp_path):
     assert source[0]["moments"].dtype == np.float32
 
 
+def test_layout_flat_ignores_class_subfolders(extracted, tmp_path):
+    manifest = main(["--data", str(extracted["data"]), "--out", str(tmp_path / "out"),
+                     "--image-size", str(SIZE), "--vae", str(extracted["vae_dir"]),
+                     "--batch-size", "1", "--shard-size", "64", "--num-workers", "0",
+                     "--no-progress", "--layout", "flat"])
+    assert extracted["manifest"]["class_names"] == ["cat", "dog"]  # what "auto" makes of it
+    assert manifest["class_names"] == [] and manifest["count"] == 11
+    source = LatentSource(tmp_path / "out", image_size=SIZE)
+    assert source.num_classes == 0 and {int(source[i]["y"]) for i in range(11)} == {0}
+
+
 # --- training: extracted latents against the VAE inside the step ---------------------------------
 
 def _pattern(shape):
@@ -238,7 +249,7 @@ def test_training_on_latents_equals_training_with_on_the_fly_encoding(extracted,
     """Same images, seed and posterior noise: a run on extracted latents and a run that encodes
     the images inside the jitted step log the same losses, step after step."""
     from configs.demo import get_config
-    from dit_jax.models import vae as vae_module
+    from dit_jax.train import loop as train_loop
     from dit_jax.train import train
     from dit_jax.train.logging import read_log
 
@@ -251,9 +262,14 @@ def test_training_on_latents_equals_training_with_on_the_fly_encoding(extracted,
 
     # The posterior noise, fixed to one pattern in both paths (the flip stays random, drawn
     # from the same per-example generator in both pipelines).
-    monkeypatch.setattr(vae_module.DiagonalGaussian, "sample", lambda self, key: (
-        self.mean + self.std * jnp.broadcast_to(jnp.asarray(_pattern(self.mean.shape)),
-                                                self.mean.shape)))
+    encoder_of = train_loop._latent_encoder
+
+    def fixed_noise_encoder(vae_graphdef):
+        encoder = encoder_of(vae_graphdef)
+        return lambda weights, images, noise: encoder(weights, images, None if noise is None else
+                                                      jnp.asarray(_pattern(noise.shape)))
+
+    monkeypatch.setattr(train_loop, "_latent_encoder", fixed_noise_encoder)
 
     def fixed_augment(self, record, rng):
         orientation = int(rng.random() < 0.5)

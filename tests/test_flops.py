@@ -22,4 +22,7 @@ def test_peak_lookup():
     assert peak_flops_per_device("TPU v5 lite", "tpu") == 197e12
     assert peak_flops_per_device("cpu", "cpu") is None  # MFU is null on CPU
     assert peak_flops_per_device("Some future chip", "gpu") is None
+    # float32 matmuls: TF32 on NVIDIA (half rate), one bf16 pass on TPU (full rate)
+    assert peak_flops_per_device("NVIDIA H100 80GB HBM3", "gpu", dtype="float32") == 494.5e12
+    assert peak_flops_per_device("TPU v5 lite", "tpu", dtype="float32") == 197e12
     assert peak_flops_per_device("cpu", "cpu", override_tflops=1.5) == 1.5e12

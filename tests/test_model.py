@@ -90,6 +90,8 @@ def test_official_initialisation():
     conv = np.asarray(model.x_embedder.kernel[...])
     conv_bound = math.sqrt(6 / (c * p * p + d))  # xavier on the flattened (D, C·p·p) view
     assert np.abs(conv).max() <= conv_bound and np.abs(conv).max() > 0.9 * conv_bound
+    # The official initialize_weights sets the conv bias to 0 explicitly (not torch's default).
+    np.testing.assert_array_equal(np.asarray(model.x_embedder.bias[...]), 0.0)
     table = np.asarray(model.y_embedder.embedding_table[...])
     assert table.shape == (11, d) and abs(table.std() - 0.02) < 0.002
     assert abs(np.asarray(model.t_embedder.linear_1.kernel[...]).std() - 0.02) < 0.002
@@ -163,6 +165,31 @@ def test_label_dropout_rate_and_reproducibility():
     assert set(np.unique(np.asarray(dropped))) == {3, 10}
     np.testing.assert_array_equal(dropped, embedder.drop_labels(labels, jax.random.key(7)))
     assert not np.array_equal(dropped, embedder.drop_labels(labels, jax.random.key(8)))
+
+
+def test_null_label_row_only_with_label_dropout():
+    # Official LabelEmbedder: num_classes + (dropout_prob > 0) rows.
+    with_null = small_model()
+    assert with_null.y_embedder.embedding_table.shape == (11, 64) and with_null.null_label == 10
+    without = small_model(class_dropout_prob=0.0)
+    assert without.y_embedder.embedding_table.shape == (10, 64)
+    assert dit.count_params(with_null) - dit.count_params(without) == 64
+    with pytest.raises(ValueError, match="no null-label row"):
+        without.null_label
+    with pytest.raises(ValueError, match="no null-label row"):
+        without.y_embedder.drop_labels(jnp.zeros((4,), jnp.int32), jax.random.key(0))
+    with pytest.raises(ValueError, match="unconditional"):
+        small_model(num_classes=0).null_label
+    x, t, y = small_inputs()
+    assert np.isfinite(np.asarray(with_null(x, t, y))).all()  # y holds the null label 10
+    # Without dropout, training needs no rngs and the labels pass through.
+    np.testing.assert_array_equal(np.asarray(without(x, t, y % 10, train=True)),
+                                  np.asarray(without(x, t, y % 10)))
+    # Out-of-range concrete labels are an error, not jnp.take's NaN fill.
+    with pytest.raises(ValueError, match=r"class labels must lie in \[0, 10\) \(no null label"):
+        without(x, t, y)
+    with pytest.raises(ValueError, match=r"\[0, 11\) \(10 is the null label\); got labels from -1"):
+        with_null(x, t, y.at[0].set(-1))
 
 
 def test_train_mode_drops_labels_eval_does_not():

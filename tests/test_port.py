@@ -11,7 +11,8 @@ import torch
 from flax import nnx
 
 from dit_jax.checkpoint import load_model, save_model
-from dit_jax.port import from_diffusers, from_torch, load_any, save_torch, to_torch
+from dit_jax.port import (from_diffusers, from_torch, load_any, save_diffusers, save_torch,
+                          to_diffusers, to_torch)
 from dit_jax.port.__main__ import main as port_main
 
 from conftest import random_dit
@@ -258,3 +259,147 @@ def test_load_any_train_workdir(tmp_path):
     _assert_same_params(load_any(tmp_path / "run", which="model", image_size=64), raw)
     with pytest.raises(ValueError, match="not DiT-XL/2"):
         load_any(tmp_path / "run", name="DiT-XL/2")
+
+
+# --------------------------------------------------------------------------------------------
+# Export to diffusers
+
+
+def _diffusers_sized(seed=0, **kw):
+    cfg = dict(depth=2, hidden_size=32, num_heads=2, patch_size=2, input_size=16,
+               num_classes=NUM_CLASSES, numerics="diffusers")
+    cfg.update(kw)
+    return random_dit(seed=seed, std=0.05, **cfg)
+
+
+def test_export_to_diffusers_loads_in_diffusers_and_back(tmp_path):
+    from safetensors.torch import load_file
+
+    model = _diffusers_sized(seed=6)
+    folder = save_diffusers(model, tmp_path / "exported")
+    torch_model = diffusers.DiTTransformer2DModel.from_pretrained(folder)
+    torch_model.eval()
+    x, t, y = _inputs(16)
+    reference = _run_torch(torch_model, x, t, y)
+    assert np.abs(reference).max() > 1e-2  # random weights: a real output, not adaLN-Zero's zeros
+    err = _rel(_run_jax(model, x, t, y), reference)
+    assert err < 1e-5, err
+    # diffusers keeps a copy of the t/y embedders in every block: identical on export.
+    weights = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    for key in ("timestep_embedder.linear_1.weight", "class_embedder.embedding_table.weight"):
+        torch.testing.assert_close(weights[f"transformer_blocks.1.norm1.emb.{key}"],
+                                   weights[f"transformer_blocks.0.norm1.emb.{key}"], rtol=0, atol=0)
+    assert weights["transformer_blocks.0.norm1.emb.class_embedder.embedding_table.weight"].shape == (
+        NUM_CLASSES + 1, 32)
+    config, state_dict = to_diffusers(model)
+    assert config["norm_type"] == "ada_norm_zero" and config["num_embeds_ada_norm"] == NUM_CLASSES
+    assert (config["sample_size"], config["num_layers"], config["num_attention_heads"],
+            config["attention_head_dim"], config["out_channels"]) == (16, 2, 2, 16, 8)
+    assert sorted(state_dict) == sorted(torch_model.state_dict())
+    back = from_diffusers(folder)
+    _assert_same_params(back, model)
+    assert back.config == model.config
+
+
+def test_export_to_diffusers_cli_and_refusals(tmp_path):
+    model = _diffusers_sized(seed=7, numerics="official")
+    save_torch(model, tmp_path / "model.pt")
+    # Official .pt files load with the official numerics, which diffusers does not compute.
+    with pytest.warns(UserWarning, match="numerics='official'; diffusers will run"):
+        assert port_main(["to-diffusers", str(tmp_path / "model.pt"), str(tmp_path / "hf"),
+                          "--num-heads", "2"]) == 0
+    _assert_same_params(from_diffusers(tmp_path / "hf"), model)
+    with pytest.raises(ValueError, match="always holds a null-label row"):
+        to_diffusers(_diffusers_sized(class_dropout_prob=0.0))
+    with pytest.raises(ValueError, match="class-conditional only"):
+        to_diffusers(_diffusers_sized(num_classes=0))
+    with pytest.raises(ValueError, match="16x8 is not square"):
+        to_diffusers(_diffusers_sized(input_size=(16, 8)))
+
+
+# --------------------------------------------------------------------------------------------
+# The label table: num_classes + (class_dropout_prob > 0) rows
+
+
+def test_label_table_without_null_row(tmp_path):
+    model = _small(seed=8, class_dropout_prob=0.0)
+    state_dict = to_torch(model)
+    assert state_dict["y_embedder.embedding_table.weight"].shape == (NUM_CLASSES, 64)
+    # Ambiguous: by default R rows are read as the official R - 1 classes + the null row.
+    default = from_torch(state_dict, num_heads=4)
+    assert (default.config.num_classes, default.config.class_dropout_prob) == (NUM_CLASSES - 1, 0.1)
+    for hint in (dict(class_dropout_prob=0.0), dict(num_classes=NUM_CLASSES)):
+        loaded = from_torch(state_dict, num_heads=4, **hint)
+        assert (loaded.config.num_classes, loaded.config.class_dropout_prob) == (NUM_CLASSES, 0.0)
+        _assert_same_params(loaded, model)
+    with pytest.raises(ValueError, match="means no null-label row; class_dropout_prob=0.1 means one"):
+        from_torch(state_dict, num_heads=4, num_classes=NUM_CLASSES, class_dropout_prob=0.1)
+    with pytest.raises(ValueError, match="has 10 rows: neither num_classes=7 nor num_classes \\+ 1"):
+        from_torch(state_dict, num_heads=4, num_classes=7)
+    # The official train.py stores --num-classes in "args".
+    for table_model, dropout in ((model, 0.0), (_small(seed=9), 0.1)):
+        checkpoint = {"model": to_torch(table_model), "ema": to_torch(table_model),
+                      "args": argparse.Namespace(model="DiT-S/2", num_classes=NUM_CLASSES)}
+        torch.save(checkpoint, tmp_path / "ckpt.pt")
+        loaded = from_torch(tmp_path / "ckpt.pt", num_heads=4)
+        assert (loaded.config.num_classes, loaded.config.class_dropout_prob) == (NUM_CLASSES, dropout)
+        _assert_same_params(loaded, table_model)
+    # A loaded model may change the dropout rate, not whether the null row exists.
+    save_model(tmp_path / "saved", _small(seed=10))
+    assert load_any(tmp_path / "saved", class_dropout_prob=0.2).config.class_dropout_prob == 0.2
+    with pytest.raises(ValueError, match="class_dropout_prob=0.0 was given but the checkpoint's "
+                                         "label table has the null-label row"):
+        load_any(tmp_path / "saved", class_dropout_prob=0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Import error messages name the keys of the user's file
+
+
+def _rewrite(folder, change):
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "diffusion_pytorch_model.safetensors"
+    weights = load_file(str(path))
+    change(weights)
+    save_file(weights, str(path))
+
+
+def test_diffusers_import_errors_name_the_files_keys(tmp_path):
+    from dit_jax.port.dit import diffusers_to_official
+
+    model = _diffusers_sized(seed=11)
+    folder = save_diffusers(model, tmp_path / "wrong_shape")
+    _rewrite(folder, lambda w: w.update({"transformer_blocks.1.ff.net.2.weight": torch.ones(32, 64)}))
+    with pytest.raises(ValueError, match=r"transformer_blocks\.1\.ff\.net\.2\.weight: the diffusers "
+                                         r"weights have shape \(32, 64\), the model expects "
+                                         r"\(32, 128\) \(official key blocks\.1\.mlp\.fc2\.weight\)"):
+        from_diffusers(folder)
+
+    folder = save_diffusers(model, tmp_path / "qkv")
+    _rewrite(folder, lambda w: w.update({"transformer_blocks.0.attn1.to_k.weight": torch.ones(16, 32)}))
+    with pytest.raises(ValueError, match=r"transformer_blocks\.0\.attn1\.to_k\.weight: the diffusers "
+                                         r"weights have shape \(16, 32\), the model expects \(32, 32\)"):
+        from_diffusers(folder)
+    _, state_dict = to_diffusers(model)
+    weights = {k: v.numpy() for k, v in state_dict.items()}
+    weights["transformer_blocks.1.attn1.to_v.bias"] = np.ones(8, np.float32)
+    with pytest.raises(ValueError, match=r"transformer_blocks\.1\.attn1\.to_q\.bias, "
+                                         r"transformer_blocks\.1\.attn1\.to_k\.bias, "
+                                         r"transformer_blocks\.1\.attn1\.to_v\.bias must be vectors "
+                                         r"of one shape .* \(32,\), \(32,\), \(8,\)"):
+        diffusers_to_official(weights, 2)
+
+    folder = save_diffusers(model, tmp_path / "conv")
+    _rewrite(folder, lambda w: w.update({"pos_embed.proj.weight": torch.ones(32, 16)}))
+    with pytest.raises(ValueError, match=r"pos_embed\.proj\.weight: the diffusers weights have "
+                                         r"shape \(32, 16\), the model expects \(32, 4, 2, 2\)"):
+        from_diffusers(folder)
+
+
+def test_official_import_error_for_a_flat_patch_conv():
+    state_dict = to_torch(_small())
+    state_dict["x_embedder.proj.weight"] = state_dict["x_embedder.proj.weight"].reshape(64, 16)
+    with pytest.raises(ValueError, match=r"x_embedder\.proj\.weight has shape \(64, 16\): "
+                                         r"expected 4 dimensions"):
+        from_torch(state_dict, num_heads=4)

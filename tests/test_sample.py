@@ -116,6 +116,20 @@ def test_same_samples_on_8_and_1_devices(tmp_path, dit_dir):
     assert len({s.tobytes() for s in sharded}) == 6
 
 
+def test_numerics_and_the_trained_process_reach_the_sampler(tmp_path, dit_dir):
+    kw = dict(labels=(3, 5), batch_size=2, cfg_scale=1.0)
+    mesh = make_mesh(devices=jax.devices()[:1])
+    official, _ = _latents(dit_dir, tmp_path / "official", mesh, **kw)
+    scale = np.abs(official).max()
+    for name, change in (("diffusers", dict(numerics="diffusers")),
+                         ("cosine", dict(noise_schedule="squaredcos_cap_v2")),
+                         ("clipped", dict(clip_denoised=True))):
+        other, _ = _latents(dit_dir, tmp_path / name, mesh, **kw, **change)
+        assert np.abs(other - official).max() > 1e-3 * scale, name
+    with pytest.raises(ValueError, match="numerics"):
+        SampleRequest(ckpt=str(dit_dir), numerics="fast")
+
+
 def test_resume_equals_uninterrupted(tmp_path, dit_dir, monkeypatch):
     kw = dict(num_samples=10, batch_size=4, sampler="ddim", cfg_scale=2.0, guidance_channels="all",
               seed=3)  # random labels
@@ -137,7 +151,8 @@ def test_resume_equals_uninterrupted(tmp_path, dit_dir, monkeypatch):
     calls = []
     run_chunk = sampling.ChunkSampler.__call__
     monkeypatch.setattr(sampling.ChunkSampler, "__call__",
-                        lambda self, chunk, labels: calls.append(chunk) or run_chunk(self, chunk, labels))
+                        lambda self, chunk, labels, weights:
+                        calls.append(chunk) or run_chunk(self, chunk, labels, weights))
     resumed, resumed_labels = _latents(dit_dir, tmp_path / "resumed", mesh, **kw)
     assert calls == [2]  # chunks 0 and 1 were kept
     np.testing.assert_array_equal(resumed, full)

@@ -120,7 +120,8 @@ def test_sharded_step_matches_single_device(initial_state, single_device, mesh_s
     kernel = out["state"].params["blocks"][0]["mlp"]["fc1"]["kernel"]
     expected = jax.sharding.PartitionSpec("fsdp", None) if mesh_shape[1] > 1 else jax.sharding.PartitionSpec(None, None)
     assert kernel.sharding.spec == expected  # weights (and Adam moments) really are split
-    mu = out["state"].opt_state[0][0].mu["blocks"][0]["mlp"]["fc1"]["kernel"]
+    # opt_state is (clip, (adam, decay, lr))
+    mu = out["state"].opt_state[1][0].mu["blocks"][0]["mlp"]["fc1"]["kernel"]
     assert mu.sharding.spec == expected
 
 
@@ -134,6 +135,37 @@ def test_accumulated_microbatches_equal_one_full_batch_step(initial_state, singl
 
 # --------------------------------------------------------------------------------------------
 # Checkpoints
+
+
+def test_images_encoded_in_the_step_accumulate_like_one_batch():
+    # The VAE runs per microbatch; the posterior noise is drawn for the whole batch, so k
+    # microbatches still equal one full-batch step.
+    from dit_jax.models.vae import VAEConfig, create_vae
+    from dit_jax.train.loop import _latent_encoder
+
+    vae = create_vae(VAEConfig(block_out_channels=(32, 32), norm_num_groups=8, sample_size=16))
+    cfg = DiTConfig(**{**TINY.__dict__, "input_size": 8, "in_channels": 4})
+    tx, schedule = tiny_optimizer()
+    mesh = make_mesh(2, 2, 1, devices=jax.devices()[:4])
+    images = BuiltinShapes(image_size=16).get_batch(np.arange(8))
+    results = []
+    with jax.set_mesh(mesh):
+        graphdef, _, _ = split_model(cfg)
+        vae_graphdef, vae_weights = nnx.split(vae)
+        shardings = train_state_shardings(abstract_train_state(cfg, tx), mesh)
+        buffers = (model_buffers(cfg, mesh), vae_weights)
+        for k in (1, 2):
+            state = create_train_state(cfg, tx, mesh, seed=3)
+            step = jit_train_step(
+                make_train_step(graphdef, create_diffusion(""), tx, schedule,
+                                StepConfig(ema_decay=0.9, accum_steps=k), mesh,
+                                encoder=_latent_encoder(vae_graphdef)),
+                shardings, state_shardings(buffers, mesh), mesh)
+            state, metrics = step(state, buffers, images)
+            results.append((float(metrics["loss"]), state))
+    assert np.isfinite(results[0][0])
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    assert_same_params(results[0][1].params, results[1][1].params)
 
 
 def test_checkpoint_saved_on_one_mesh_restores_on_another(single_device, tmp_path):
@@ -187,6 +219,34 @@ def test_run_writes_its_workdir(good_run):
     assert Checkpoints(good_run, read_only=True).all_steps() == [10, 20]
     assert json.loads((good_run / "config.json").read_text())["model"]["num_classes"] == 4
     assert list((good_run / "tensorboard").iterdir())
+
+
+def test_sample_grids_follow_the_runs_diffusion(tmp_path):
+    # A model without learned sigma, on a cosine schedule: the grids sample that process.
+    from dit_jax.train.loop import SampleGrids
+
+    config = tiny_config()
+    config.model.learn_sigma = False
+    config.sample.num_images, config.sample.steps = 3, 3  # padded to the 8 devices
+    cfg = DiTConfig(**{**TINY.__dict__, "learn_sigma": False})
+    tx, _ = tiny_optimizer()
+    mesh = make_mesh()
+    grids = {}
+    with jax.set_mesh(mesh):
+        graphdef, _, _ = split_model(cfg)
+        state = create_train_state(cfg, tx, mesh, seed=0)
+        buffers = model_buffers(cfg, mesh)
+        for schedule in ("linear", "squaredcos_cap_v2"):
+            config.diffusion.noise_schedule = schedule
+            sampler = SampleGrids(graphdef, (abstract_train_state(cfg, tx).ema, buffers), cfg,
+                                  config, mesh, tmp_path / schedule)
+            path = sampler(7, state.ema, buffers)
+            with np.load(path.with_suffix(".npz")) as data:
+                grids[schedule] = data["images"]
+                np.testing.assert_array_equal(data["labels"], [0, 1, 2])
+            assert path.name == "step_0000007.png" and path.is_file()
+    assert grids["linear"].shape == (3, 16, 16, 3)
+    assert np.abs(grids["linear"].astype(int) - grids["squaredcos_cap_v2"]).max() > 10
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(good_run, tmp_path, caplog):

@@ -137,6 +137,11 @@ def test_latent_helpers_jit(small):
     noise = jax.random.normal(key, posterior.mean.shape)
     expected = (posterior.mean + posterior.std * noise) * 0.18215
     np.testing.assert_allclose(latents, expected, rtol=1e-4, atol=1e-5)
+    # The same ε given explicitly (what the train step does per microbatch); none: the mean.
+    np.testing.assert_allclose(nnx.jit(encode_to_latents)(vae, images, noise=noise), latents,
+                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(nnx.jit(encode_to_latents)(vae, images), posterior.mean * 0.18215,
+                               rtol=1e-4, atol=1e-5)
     decoded = nnx.jit(decode_latents)(vae, jnp.asarray(small.z) * 0.18215)
     assert decoded.dtype == jnp.float32
     assert _rel(decoded, small.decoded) < 1e-4

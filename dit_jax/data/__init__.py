@@ -9,9 +9,11 @@ once (the built-in ones do, vectorised).
 `Batches` turns a source into the global batch stream of a run and hands each host only its own
 rows of it:
 
-- global batch b covers positions [b·G, (b+1)·G) of an endless stream of epochs; epoch e visits
-  the source in the order of a permutation drawn from (seed, e), so the order is a global shuffle
-  that depends on the seed alone, not on the number of hosts or devices;
+- epoch e visits the source in the order of a permutation drawn from (seed, e), so the order is
+  a global shuffle that depends on the seed alone, not on the number of hosts or devices; it is
+  cut into n // G global batches of G distinct examples and its last n % G examples are dropped,
+  as the official loader's drop_last does (`dit_jax.data.epochs`), so global batch b is batch
+  b mod (n // G) of epoch b // (n // G);
 - a host loads the rows [lo, hi) of each global batch that its devices hold (the train loop
   derives them from the mesh), and the hosts' slices assemble into the global batch with
   `jax.make_array_from_process_local_data`;
@@ -31,6 +33,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 
 from dit_jax.data.builtin import BuiltinShapes, classify_image
+from dit_jax.data.epochs import batches_per_epoch, stream_position
 from dit_jax.data.synthetic import SyntheticLatents
 
 
@@ -62,6 +65,7 @@ class Batches:
             raise ValueError(f"host rows [{lo}, {hi}) are not inside a batch of {global_batch_size}")
         if len(source) < 1:
             raise ValueError("the data source is empty")
+        batches_per_epoch(len(source), global_batch_size)  # fails here, not at the first batch
         self.source = source
         self.global_batch_size = global_batch_size
         self.seed = seed
@@ -80,13 +84,10 @@ class Batches:
         """Source indices of this host's rows of global batch `batch`."""
         n = len(self.source)
         lo, hi = self.rows
-        positions = batch * self.global_batch_size + np.arange(lo, hi, dtype=np.int64)
+        positions = stream_position(np.int64(batch), np.arange(lo, hi, dtype=np.int64), n,
+                                    self.global_batch_size)
         epochs, offsets = np.divmod(positions, n)
-        out = np.empty(len(positions), np.int64)
-        for epoch in np.unique(epochs):
-            sel = epochs == epoch
-            out[sel] = self._order(int(epoch))[offsets[sel]]
-        return out
+        return self._order(int(epochs[0]))[offsets]  # a batch lies inside one epoch
 
     def __iter__(self):
         return self
@@ -115,8 +116,10 @@ def make_source(data_config, *, model_input: tuple[int, int, int] | None = None,
 
     builtin: the procedural shapes data (pixel space, `data_config.image_size`).
     synthetic: random latents of shape `model_input` for benchmarks (labels in [0, num_classes)).
-    folder: the images under `data_config.path` (class subfolders, or one flat folder for
-    unconditional data), ADM-cropped to `image_size` (`dit_jax.data.folder`).
+    folder: the images under `data_config.path`, ADM-cropped to `image_size`
+    (`dit_jax.data.folder`); `data_config.layout` is "classes" (one subfolder per class),
+    "flat" (every image under the folder, unconditional) or "auto" (classes when the folder
+    holds subfolders and no images of its own).
     latents: a folder written by `python -m dit_jax.extract_latents` (`dit_jax.data.latents`).
     """
     name = data_config.source
@@ -133,9 +136,17 @@ def make_source(data_config, *, model_input: tuple[int, int, int] | None = None,
     if name in ("folder", "latents") and not data_config.get("path"):
         raise ValueError(f"data.source={name!r} needs data.path (an image folder, or a folder "
                          f"written by `python -m dit_jax.extract_latents`)")
+    layout = data_config.get("layout", "auto")
+    if layout != "auto" and name != "folder":
+        # Latents keep the layout chosen when they were extracted (extract_latents --layout);
+        # silently ignoring the setting would train with labels the user asked to drop.
+        raise ValueError(f"data.layout={layout!r} applies to data.source='folder' only, not "
+                         f"{name!r}" + (" (extract the latents with --layout instead)"
+                                        if name == "latents" else ""))
     if name == "folder":
-        from dit_jax.data.folder import ImageFolderSource
-        return ImageFolderSource(data_config.path, data_config.image_size)
+        from dit_jax.data.folder import ImageFolderSource, class_folders_for
+        return ImageFolderSource(data_config.path, data_config.image_size,
+                                 class_folders=class_folders_for(layout))
     if name == "latents":
         from dit_jax.data.latents import LatentSource
         return LatentSource(data_config.path, image_size=data_config.image_size)

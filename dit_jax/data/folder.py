@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 # torchvision.datasets.folder.IMG_EXTENSIONS
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 CLASS_MAPPING_FILE = "classes.json"
+# The names of `class_folders` shared by training (data.layout) and extraction (--layout).
+LAYOUTS = {"auto": None, "classes": True, "flat": False}
 
 
 def is_image_file(name: str) -> bool:
@@ -50,6 +52,14 @@ def _walk_images(directory: Path) -> tuple[list[str], int]:
             elif not name.startswith("."):
                 ignored += 1
     return files, ignored
+
+
+def class_folders_for(layout: str) -> bool | None:
+    """`scan_folder`'s class_folders for a layout name: "auto", "classes" or "flat"."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown image folder layout {layout!r}; choose one of "
+                         f"{', '.join(LAYOUTS)}")
+    return LAYOUTS[layout]
 
 
 def scan_folder(root: str | os.PathLike, class_folders: bool | None = None
@@ -177,5 +187,5 @@ def load_class_mapping(directory: str | os.PathLike) -> list[str]:
     return list(json.loads((Path(directory) / CLASS_MAPPING_FILE).read_text())["class_names"])
 
 
-__all__ = ["CLASS_MAPPING_FILE", "IMG_EXTENSIONS", "ImageFolderSource", "load_class_mapping",
-           "save_class_mapping", "scan_folder"]
+__all__ = ["CLASS_MAPPING_FILE", "IMG_EXTENSIONS", "LAYOUTS", "ImageFolderSource",
+           "class_folders_for", "load_class_mapping", "save_class_mapping", "scan_folder"]

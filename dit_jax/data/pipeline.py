@@ -2,16 +2,19 @@
 
     stream  = source, globally shuffled by (seed, epoch), repeated forever     (grain shuffle/repeat)
     example = source.augment(stream[p], rng(seed, p))                           (grain random_map)
-    host    = rows [lo, hi) of each global batch: stream positions b·G + lo .. b·G + hi - 1
-    batches = host examples in groups of hi - lo (drop_remainder)               (grain batch)
+    host    = rows [lo, hi) of each global batch: stream positions
+              stream_position(b, lo .. hi - 1) (`dit_jax.data.epochs`)
+    batches = host examples in groups of hi - lo                                (grain batch)
     → threads (ReadOptions) inside `num_workers` worker processes (mp_prefetch), prefetching.
 
 The same definitions as `dit_jax.data.Batches` (the in-process iterator of the built-in data):
-global batch b covers positions [b·G, (b+1)·G) of the stream and its content depends on the seed
-alone, not on the number of hosts, devices or workers; each position, hence each example of an
-epoch, is read by exactly one host. The augmentation's random numbers are keyed by the stream
-position, so a flip is reproducible too. Batching happens before the worker split (workers take
-whole batches in turn), so the worker count does not change any batch either.
+each epoch of n examples gives n // G global batches of G distinct examples and drops the rest,
+as the official DataLoader's drop_last does, so global batch b is batch b mod (n // G) of epoch
+b // (n // G). Its content depends on the seed alone, not on the number of hosts, devices or
+workers; each position, hence each example used in an epoch, is read by exactly one host. The
+augmentation's random numbers are keyed by the stream position, so a flip is reproducible too.
+Batching happens before the worker split (workers take whole batches in turn), so the worker
+count does not change any batch either.
 
 The iterator state is a small JSON-able dict, {"next_batch", "skipped", "seed",
 "global_batch_size"} (the format of `dit_jax.data.Batches` too): saved in a checkpoint and set on a
@@ -27,6 +30,8 @@ from typing import Any, Sequence
 
 import grain
 import numpy as np
+
+from dit_jax.data.epochs import batches_per_epoch, stream_position
 
 
 def default_host_rows(global_batch_size: int, process_index: int | None = None,
@@ -44,23 +49,23 @@ def default_host_rows(global_batch_size: int, process_index: int | None = None,
 
 
 class _HostRows(grain.MapDataset):
-    """Host element j = parent position (j // L)·G + lo + j % L with L = hi - lo."""
+    """Host element j = row lo + j % L of global batch j // L (L = hi - lo), read from the parent
+    stream at `stream_position`: endless, since the parent repeats forever."""
 
-    def __init__(self, parent: grain.MapDataset, global_batch_size: int, rows: tuple[int, int]):
+    def __init__(self, parent: grain.MapDataset, num_examples: int, global_batch_size: int,
+                 rows: tuple[int, int]):
         super().__init__(parent)
+        self._n = int(num_examples)
         self._global = int(global_batch_size)
         self._lo, self._hi = int(rows[0]), int(rows[1])
         self._rows = self._hi - self._lo
-        parent_len = len(parent)
-        self._length = sys.maxsize if parent_len >= sys.maxsize else \
-            (parent_len // self._global) * self._rows
 
     def __len__(self) -> int:
-        return self._length
+        return sys.maxsize
 
     def _position(self, index: int) -> int:
         batch, row = divmod(int(index), self._rows)
-        return batch * self._global + self._lo + row
+        return int(stream_position(batch, self._lo + row, self._n, self._global))
 
     def __getitem__(self, index):
         if isinstance(index, slice):
@@ -107,6 +112,7 @@ class Loader:
                  num_threads: int = 4, prefetch: int = 2):
         if len(source) < 1:
             raise ValueError(f"the data source {source!r} is empty")
+        batches_per_epoch(len(source), global_batch_size)  # fails here, not at the first batch
         lo, hi = host_rows if host_rows is not None else default_host_rows(global_batch_size)
         if not 0 <= lo < hi <= global_batch_size:
             raise ValueError(f"host rows [{lo}, {hi}) are not inside a batch of {global_batch_size}")
@@ -126,8 +132,8 @@ class Loader:
         if hasattr(source, "augment"):
             ds = ds.random_map(source.augment)
         ds = ds.map(_count_skipped)
-        ds = _HostRows(ds, self.global_batch_size, self.rows)
-        self._batches = ds.batch(hi - lo, drop_remainder=True)
+        ds = _HostRows(ds, len(source), self.global_batch_size, self.rows)
+        self._batches = ds.batch(hi - lo)
         self._read_options = grain.ReadOptions(
             # Elements are whole batches here, so the read buffer is counted in batches; it must
             # hold one per thread or threads sit idle.

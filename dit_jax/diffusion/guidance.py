@@ -9,22 +9,24 @@ takes it unchanged.
 
 from __future__ import annotations
 
+import operator
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 RELEASED_GUIDE_CHANNELS = 3  # the official forward_with_cfg guides eps[:, :3]
-NULL_LABEL = 1000  # row num_classes of the label table
 
 
-def classifier_free_guidance(model_fn: Callable, y: jax.Array, scale, *,
-                             null_label: int = NULL_LABEL,
+def classifier_free_guidance(model_fn: Callable, y: jax.Array, scale, *, null_label: int,
                              guide_channels: int | None = RELEASED_GUIDE_CHANNELS,
                              interval: tuple[float, float] | None = None) -> Callable:
     """Wrap a class-conditional `model_fn(x, t, y)` into a guided `model_fn(x, t)`.
 
     y: int labels (N,). scale: guidance scale s (s = 1 is unguided; the paper's FID uses 1.5).
+    null_label: the unconditional class, required: for a DiT it is `model.null_label`
+    (= num_classes, 1000 for the released models). No default, because a label past the end of a
+    smaller table reads a NaN row under jit instead of failing.
     guide_channels: how many leading output channels are guided; 3 (default) is the released form,
     None guides all ε channels (x.shape[-1]). The other output channels come from the conditional
     half.
@@ -36,6 +38,13 @@ def classifier_free_guidance(model_fn: Callable, y: jax.Array, scale, *,
     One model call per step: a batch of 2N when guiding, of N when `scale` is the Python number 1
     (then the wrapper is exactly the conditional model).
     """
+    try:
+        null_label = operator.index(null_label)
+    except TypeError:
+        raise TypeError(f"null_label must be an int (a DiT's `model.null_label`), got "
+                        f"{null_label!r}") from None
+    if null_label < 0:
+        raise ValueError(f"null_label must be a non-negative class index, got {null_label}")
     if not isinstance(scale, jax.Array) and float(scale) == 1.0:
         return lambda x, t: model_fn(x, t, y)
 

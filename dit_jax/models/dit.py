@@ -177,25 +177,52 @@ class TimestepEmbedder(nnx.Module):
 
 
 class LabelEmbedder(nnx.Module):
-    """Class table with one extra row (index num_classes) for the null label of guidance."""
+    """Class table as released (`use_cfg_embedding`): num_classes rows, plus one null-label row
+    (index num_classes, for classifier-free guidance) only when dropout_prob > 0. Without that
+    row there is no null label: label dropout and guidance are unavailable."""
 
     def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float, *, rngs: nnx.Rngs):
         self.num_classes = num_classes
         self.dropout_prob = dropout_prob
+        self.has_null_label = dropout_prob > 0
+        rows = num_classes + int(self.has_null_label)
         self.embedding_table = nnx.Param(
-            jax.random.normal(rngs.params(), (num_classes + 1, hidden_size), jnp.float32) * 0.02,
+            jax.random.normal(rngs.params(), (rows, hidden_size), jnp.float32) * 0.02,
             **_meta("classes", "embed"))
+
+    @property
+    def null_label(self) -> int:
+        if not self.has_null_label:
+            raise ValueError(
+                f"this DiT has no null-label row (built with class_dropout_prob=0, so its table has "
+                f"{self.num_classes} rows): classifier-free guidance and label dropout need a model "
+                f"trained with class_dropout_prob > 0")
+        return self.num_classes
 
     def drop_labels(self, labels: jax.Array, key: jax.Array) -> jax.Array:
         drop = jax.random.uniform(key, labels.shape) < self.dropout_prob
-        return jnp.where(drop, self.num_classes, labels)
+        return jnp.where(drop, self.null_label, labels)
 
     def __call__(self, labels, *, train: bool, key=None):
         if train and self.dropout_prob > 0:
             if key is None:
                 raise ValueError("label dropout in training needs rngs (e.g. nnx.Rngs(dropout=key))")
             labels = self.drop_labels(labels, key)
-        return jnp.take(self.embedding_table[...], labels, axis=0)
+        table = self.embedding_table[...]
+        # jnp.take's default "fill" mode turns an out-of-range label into a NaN row, which would
+        # surface steps later as NaN samples. Concrete labels are checked here; under a trace they
+        # cannot be, and "clip" would silently map them to a real class, so traced callers must
+        # pass valid labels (guidance takes the null label from DiT.null_label).
+        if not isinstance(labels, jax.core.Tracer) and getattr(labels, "is_fully_addressable",
+                                                               True):
+            values = np.asarray(labels)
+            if values.size and (values.min() < 0 or values.max() >= table.shape[0]):
+                null = (f"{self.num_classes} is the null label" if self.has_null_label else
+                        "no null label: class_dropout_prob=0")
+                raise ValueError(
+                    f"class labels must lie in [0, {table.shape[0]}) ({null}); got labels from "
+                    f"{values.min()} to {values.max()}")
+        return jnp.take(table, labels, axis=0)
 
 
 class Attention(nnx.Module):
@@ -281,9 +308,10 @@ class DiT(nnx.Module):
 
     `model(x, t, y, train=False, rngs=None)`: x (N, H, W, in_channels); t (N,) timesteps of the
     ORIGINAL 1000-step process (int or float); y (N,) int labels, y == num_classes is the null
-    class. Returns (N, H, W, out_channels): ε in the first in_channels channels, then the
-    variance interpolation values when learn_sigma. With `train=True` labels are dropped with
-    probability class_dropout_prob, using `rngs` (an nnx.Rngs with a `dropout` stream, or a key).
+    class (`null_label`; only when class_dropout_prob > 0, as released). Returns
+    (N, H, W, out_channels): ε in the first in_channels channels, then the variance
+    interpolation values when learn_sigma. With `train=True` labels are dropped with probability
+    class_dropout_prob, using `rngs` (an nnx.Rngs with a `dropout` stream, or a key).
     """
 
     def __init__(self, cfg: DiTConfig | None = None, *, rngs: nnx.Rngs | None = None, **kwargs):
@@ -314,6 +342,14 @@ class DiT(nnx.Module):
         else:
             self.blocks = nnx.List([DiTBlock(cfg, rngs=rngs) for _ in range(cfg.depth)])
         self.final_layer = FinalLayer(d, p, cfg.out_channels, rngs=rngs)
+
+    @property
+    def null_label(self) -> int:
+        """The label of the unconditional (null) class for classifier-free guidance: num_classes.
+        Raises for a model without one (unconditional, or class_dropout_prob=0)."""
+        if self.y_embedder is None:
+            raise ValueError("this DiT is unconditional (num_classes=0): it has no null label")
+        return self.y_embedder.null_label
 
     def embed(self, x, t, y, *, train: bool = False, rngs=None):
         """Token sequence (N, T, D) and conditioning vector c (N, D)."""

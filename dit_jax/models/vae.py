@@ -434,10 +434,20 @@ class AutoencoderKL(nnx.Module):
         return self.decode(posterior.mode() if key is None else posterior.sample(key))
 
 
-def encode_to_latents(vae: AutoencoderKL, images: jax.Array, key: jax.Array) -> jax.Array:
+def encode_to_latents(vae: AutoencoderKL, images: jax.Array, key: jax.Array | None = None, *,
+                      noise: jax.Array | None = None) -> jax.Array:
     """Images (N, H, W, C) in [-1, 1] → the diffusion model's latents:
-    (posterior sample - shift_factor) · scaling_factor (shift 0 for sd-vae)."""
-    return (vae.encode(images).sample(key) - vae.shift_factor) * vae.scaling_factor
+    (posterior sample - shift_factor) · scaling_factor (shift 0 for sd-vae). The sample is
+    mean + std · ε with ε drawn from `key`, or given as `noise` (latent-shaped; the same ε as
+    `key` gives is `jax.random.normal(key, latent shape)`); with neither, the posterior mean."""
+    posterior = vae.encode(images)
+    if noise is not None:
+        z = posterior.mean + posterior.std * noise.astype(posterior.mean.dtype)
+    elif key is not None:
+        z = posterior.sample(key)
+    else:
+        z = posterior.mode()
+    return (z - vae.shift_factor) * vae.scaling_factor
 
 
 def decode_latents(vae: AutoencoderKL, latents: jax.Array) -> jax.Array:

@@ -7,7 +7,10 @@ Sources:
   (samplers use "ema"). `from_torch` reads both (and .safetensors files of the same layout);
   `to_torch` / `save_torch` write that layout, so a model trained here loads in the official code.
 - the Hugging Face diffusers port (`DiTTransformer2DModel`, hub repos facebook/DiT-XL-2-256 and
-  facebook/DiT-XL-2-512): `from_diffusers`.
+  facebook/DiT-XL-2-512): `from_diffusers` reads a folder or hub id; `to_diffusers` /
+  `save_diffusers` write one (config.json + diffusion_pytorch_model.safetensors) that
+  `DiTTransformer2DModel.from_pretrained` loads. diffusers keeps the fused qkv as to_q/to_k/to_v
+  and a copy of the t/y embedders in every block; the export writes identical copies.
 
 The two PyTorch implementations do not compute the same function with the same weights: diffusers
 builds the timestep frequencies as exp(-ln(10000)·i/127) instead of /128 (`downscale_freq_shift=1`)
@@ -18,10 +21,15 @@ the diffusers pipeline computes, and the one that pipeline's reported samples co
 `numerics="official"` for the official function on the same weights. Official checkpoints load with
 `numerics="official"`. The numerics are a DiTConfig field, not a property of the tensors: `to_torch`
 exports the official layout whatever the numerics, and a diffusers-numerics model exported that way
-computes the official function in the official code.
+computes the official function in the official code; likewise an official-numerics model exported
+to diffusers computes the diffusers function there.
 
 Every loader infers the architecture from the tensors (depth, width, patch, channels, learned
 sigma, classes, input size from pos_embed) and checks it against `name` / `image_size` when given.
+The label table is ambiguous: the released LabelEmbedder has num_classes + (class_dropout_prob > 0)
+rows, so R rows are R - 1 classes and the null row (every official model: the default) or R
+classes without one; `num_classes=` or `class_dropout_prob=0` settle it, and so does the
+`num_classes` that the official train.py stores in its checkpoints' "args".
 The head count is not in the tensors: it comes from `name`, the diffusers config, the official
 table by width (1152, 1024 → 16; 768 → 12; 384 → 6) or `num_heads=`.
 
@@ -49,7 +57,8 @@ import numpy as np
 from flax import nnx
 
 from dit_jax.checkpoint import RUNTIME_FIELDS, is_model_checkpoint, load_model, with_config
-from dit_jax.models.dit import DIT_CONFIGS, DiT, DiTConfig, convert_blocks, sincos_2d
+from dit_jax.models.dit import (DIT_CONFIGS, NUMERICS, DiT, DiTConfig, convert_blocks,
+                                 sincos_2d)
 from dit_jax.port.keys import check_keys
 
 DOWNLOAD_HELP = (
@@ -69,6 +78,9 @@ CHECKPOINT_FIELDS = ("input_size", "patch_size", "in_channels", "hidden_size", "
                      "mlp_ratio", "num_classes", "learn_sigma")
 
 TRAIN_DICT_ENTRIES = ("model", "ema")
+
+# The official models' label dropout: their tables hold the null row (SPEC §1).
+OFFICIAL_CLASS_DROPOUT = 0.1
 
 
 def _missing(path) -> FileNotFoundError:
@@ -115,6 +127,15 @@ def resolve_config(found: Mapping[str, Any], *, name: str | None = None,
     for key, value in overrides.items():
         if key == "dtype":
             value = jnp.dtype(value)
+        if (key == "class_dropout_prob" and fields.get("num_classes", 0) > 0
+                and "class_dropout_prob" in fields and (value > 0) != (fields[key] > 0)):
+            # The null row exists exactly when class_dropout_prob > 0: the rate may change, its
+            # sign would reshape the label table.
+            have = "has" if fields[key] > 0 else "has no"
+            raise ValueError(
+                f"class_dropout_prob={value!r} was given but the checkpoint's label table {have} "
+                f"the null-label row (class_dropout_prob {fields[key]!r}); only a rate on the same "
+                f"side of 0 can be used")
         if key in CHECKPOINT_FIELDS and key in fields:
             same = (_hw(value) == _hw(fields[key])) if key == "input_size" else value == fields[key]
             if not same:
@@ -138,6 +159,38 @@ def _finish(model: DiT, *, name=None, image_size=None, **overrides) -> DiT:
     cfg = resolve_config(dataclasses.asdict(model.config), name=name, image_size=image_size,
                          **overrides)
     return with_config(model, **{f: getattr(cfg, f) for f in RUNTIME_FIELDS})
+
+
+def label_fields(rows: int | None, *, num_classes: int | None = None,
+                 class_dropout_prob: float | None = None,
+                 key: str = "y_embedder.embedding_table.weight") -> dict[str, Any]:
+    """num_classes and class_dropout_prob of a label table of `rows` rows (None: no table).
+
+    The released LabelEmbedder has num_classes + (class_dropout_prob > 0) rows, so `rows` alone
+    is ambiguous. Default: the official case, rows - 1 classes and the null row (dropout 0.1);
+    `num_classes` or `class_dropout_prob` given by the caller decide otherwise."""
+    if rows is None:
+        return dict(num_classes=0)
+    if num_classes is not None:
+        if rows not in (num_classes, num_classes + 1):
+            raise ValueError(f"{key} has {rows} rows: neither num_classes={num_classes} nor "
+                             f"num_classes + 1 (with the null-label row)")
+        null = rows == num_classes + 1
+        if class_dropout_prob is not None and (class_dropout_prob > 0) != null:
+            raise ValueError(
+                f"{key} has {rows} rows, which for num_classes={num_classes} means "
+                f"{'a' if null else 'no'} null-label row; class_dropout_prob={class_dropout_prob!r} "
+                f"means {'none' if null else 'one'} (the table has num_classes + "
+                f"(class_dropout_prob > 0) rows)")
+    else:
+        null = class_dropout_prob is None or class_dropout_prob > 0
+        num_classes = rows - int(null)
+        if num_classes < 1:
+            raise ValueError(f"{key} has {rows} row(s): with the null-label row that leaves no "
+                             f"class; pass class_dropout_prob=0 or num_classes=")
+    if class_dropout_prob is None:
+        class_dropout_prob = OFFICIAL_CLASS_DROPOUT if null else 0.0
+    return dict(num_classes=num_classes, class_dropout_prob=class_dropout_prob)
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,25 +243,38 @@ def _to_torch_layout(array: np.ndarray, kind: str) -> np.ndarray:
 
 
 
+def official_shapes(cfg: DiTConfig) -> dict[str, tuple[int, ...]]:
+    """Official state_dict key → the shape (PyTorch layout) a model of `cfg` expects."""
+    plain = dataclasses.replace(cfg, scan_blocks=False)
+    values = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: DiT(plain))))
+    out = {}
+    for key, (path, kind) in official_keys(plain).items():
+        node = values
+        for part in path:
+            node = node[part]
+        out[key] = _to_torch_layout(np.empty(node.shape, np.bool_), kind).shape
+    return out
+
+
 def _build(state_dict: Mapping[str, np.ndarray], cfg: DiTConfig) -> DiT:
     """A DiT of `cfg` holding an official-layout state_dict, loaded strictly."""
     plain = dataclasses.replace(cfg, scan_blocks=False)
     table = official_keys(plain)
     check_keys(state_dict, table, "the state_dict does not match the official DiT layout")
+    expected = official_shapes(plain)
     model = nnx.eval_shape(lambda: DiT(plain))
     state = nnx.state(model)
     values = nnx.to_pure_dict(state)
     for key, (path, kind) in table.items():
+        # Compared in the PyTorch layout, before any transpose, which a tensor of the wrong rank
+        # would fail with an error naming no key.
+        if tuple(state_dict[key].shape) != expected[key]:
+            raise ValueError(f"{key}: the checkpoint has shape {tuple(state_dict[key].shape)}, the "
+                             f"model expects {expected[key]}")
         node = values
         for part in path[:-1]:
             node = node[part]
-        want = node[path[-1]].shape
-        array = _to_jax_layout(np.asarray(state_dict[key]), kind)
-        if array.shape != tuple(want):
-            raise ValueError(
-                f"{key}: the checkpoint has shape {tuple(state_dict[key].shape)}, the model expects "
-                f"{_to_torch_layout(np.empty(want, np.bool_), kind).shape}")
-        node[path[-1]] = jnp.asarray(array, jnp.float32)
+        node[path[-1]] = jnp.asarray(_to_jax_layout(np.asarray(state_dict[key]), kind), jnp.float32)
     expected_pos = sincos_2d(plain.hidden_size, plain.grid_size)[None]
     if not np.allclose(values["pos_embed"], expected_pos, atol=1e-5):
         warnings.warn("pos_embed differs from the fixed 2-D sin-cos table; using the checkpoint's")
@@ -217,17 +283,23 @@ def _build(state_dict: Mapping[str, np.ndarray], cfg: DiTConfig) -> DiT:
     return with_config(model, scan_blocks=cfg.scan_blocks)
 
 
-def infer_official(state_dict: Mapping[str, np.ndarray], *, input_size=None) -> dict[str, Any]:
-    """The checkpoint-fixed DiTConfig fields of an official-layout state_dict, from its shapes."""
+def infer_official(state_dict: Mapping[str, np.ndarray], *, input_size=None,
+                   num_classes: int | None = None,
+                   class_dropout_prob: float | None = None) -> dict[str, Any]:
+    """The checkpoint-fixed DiTConfig fields of an official-layout state_dict, from its shapes
+    (and class_dropout_prob, which decides the label table's size: see `label_fields`)."""
 
-    def need(key):
+    def need(key, ndim):
         if key not in state_dict:
             raise ValueError(f"missing key {key!r}: not an official-layout DiT state_dict "
                              f"(it has {len(state_dict)} keys, e.g. {sorted(state_dict)[:5]})")
-        return tuple(state_dict[key].shape)
+        shape = tuple(state_dict[key].shape)
+        if len(shape) != ndim:
+            raise ValueError(f"{key} has shape {shape}: expected {ndim} dimensions")
+        return shape
 
-    width, in_channels, patch, _ = need("x_embedder.proj.weight")
-    tokens = need("pos_embed")[1]
+    width, in_channels, patch, _ = need("x_embedder.proj.weight", 4)
+    tokens = need("pos_embed", 3)[1]
     if input_size is not None:
         grid = tuple(s // patch for s in _hw(input_size))
         if math.prod(grid) != tokens:
@@ -241,19 +313,19 @@ def infer_official(state_dict: Mapping[str, np.ndarray], *, input_size=None) -> 
     blocks = [int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))]
     if not blocks:
         raise ValueError("missing key 'blocks.0.attn.qkv.weight': the state_dict has no blocks")
-    out_features = need("final_layer.linear.weight")[0]
+    out_features = need("final_layer.linear.weight", 2)[0]
     out_channels, rest = divmod(out_features, patch * patch)
     if rest or out_channels not in (in_channels, 2 * in_channels):
         raise ValueError(
             f"final_layer.linear.weight has {out_features} outputs: not patch² × {in_channels} or "
             f"patch² × {2 * in_channels} (patch {patch})")
     table = "y_embedder.embedding_table.weight"
+    labels = label_fields(need(table, 2)[0] if table in state_dict else None,
+                          num_classes=num_classes, class_dropout_prob=class_dropout_prob)
     return dict(
         input_size=input_size, patch_size=patch, in_channels=in_channels, hidden_size=width,
-        depth=max(blocks) + 1, mlp_ratio=need("blocks.0.mlp.fc1.weight")[0] / width,
-        # The table has one extra row, the null class of classifier-free guidance.
-        num_classes=state_dict[table].shape[0] - 1 if table in state_dict else 0,
-        learn_sigma=out_channels == 2 * in_channels)
+        depth=max(blocks) + 1, mlp_ratio=need("blocks.0.mlp.fc1.weight", 2)[0] / width,
+        learn_sigma=out_channels == 2 * in_channels, **labels)
 
 
 def _numpy(tensor) -> np.ndarray:
@@ -286,6 +358,11 @@ def _read_torch_file(path: Path) -> Mapping[str, Any]:
 def read_state_dict(src, *, which: str = "ema") -> dict[str, np.ndarray]:
     """A flat {key: float32 array} from a file or a loaded object: a state_dict, or a train.py
     checkpoint dict from which entry `which` ("ema" or "model") is taken."""
+    return read_checkpoint(src, which=which)[0]
+
+
+def read_checkpoint(src, *, which: str = "ema") -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """`read_state_dict` and the train.py "args" as a dict ({} for a plain state_dict)."""
     import torch
 
     if which not in TRAIN_DICT_ENTRIES:
@@ -307,7 +384,12 @@ def read_state_dict(src, *, which: str = "ema") -> dict[str, np.ndarray]:
     not_tensors = sorted(k for k, v in state_dict.items() if not isinstance(v, torch.Tensor))
     if not_tensors:
         raise ValueError(f"unknown checkpoint layout: entries {not_tensors[:8]} are not tensors")
-    return {k: _numpy(v) for k, v in state_dict.items()}
+    args = obj.get("args") if state_dict is not obj else None
+    if isinstance(args, Mapping):
+        args = dict(args)
+    else:  # the official train.py's argparse.Namespace, or nothing
+        args = dict(vars(args)) if hasattr(args, "__dict__") else {}
+    return {k: _numpy(v) for k, v in state_dict.items()}, args
 
 
 def from_torch(path_or_state_dict, *, name: str | None = None,
@@ -315,12 +397,17 @@ def from_torch(path_or_state_dict, *, name: str | None = None,
                **overrides) -> DiT:
     """A DiT from an official-layout checkpoint: a .pt/.pth file (plain state_dict or train.py
     dict, entry `which`), a .safetensors file, or an already loaded dict. `overrides` are DiTConfig
-    fields (num_heads for a non-official width, dtype, numerics, scan_blocks, ...)."""
-    state_dict = read_state_dict(path_or_state_dict, which=which)
+    fields (num_heads for a non-official width, dtype, numerics, scan_blocks, ...); num_classes or
+    class_dropout_prob=0 read a label table without the null row (see `label_fields`)."""
+    state_dict, args = read_checkpoint(path_or_state_dict, which=which)
     if any(k.startswith("transformer_blocks.") for k in state_dict):
         raise ValueError("this is a diffusers DiTTransformer2DModel state_dict: load its folder "
                          "(with config.json) with from_diffusers")
-    found = infer_official(state_dict, input_size=overrides.get("input_size"))
+    # The official train.py stores --num-classes in "args" (not the dropout, always 0.1 there).
+    num_classes = overrides.get("num_classes", args.get("num_classes"))
+    found = infer_official(state_dict, input_size=overrides.get("input_size"),
+                           num_classes=num_classes,
+                           class_dropout_prob=overrides.get("class_dropout_prob"))
     cfg = resolve_config(found, name=name, image_size=image_size, **overrides)
     return _build(state_dict, cfg)
 
@@ -385,29 +472,48 @@ _TOP = {"pos_embed.proj": "x_embedder.proj", "proj_out_1": "final_layer.adaLN_mo
         "proj_out_2": "final_layer.linear"}
 
 
+def diffusers_keys(depth: int) -> dict[str, tuple[str, int | None]]:
+    """diffusers DiTTransformer2DModel key → (official key, which third of the fused qkv rows it
+    is: 0, 1, 2 for to_q, to_k, to_v; None for a whole tensor). The t/y embedder keys of every
+    block map to the one official embedder."""
+    table: dict[str, tuple[str, int | None]] = {}
+    for src, dst in _TOP.items():
+        for p in ("weight", "bias"):
+            table[f"{src}.{p}"] = (f"{dst}.{p}", None)
+    for i in range(depth):
+        for src, dst in _BLOCK.items():
+            for p in ("weight", "bias"):
+                table[f"transformer_blocks.{i}.{src}.{p}"] = (f"blocks.{i}.{dst}.{p}", None)
+        for j, n in enumerate("qkv"):
+            for p in ("weight", "bias"):
+                table[f"transformer_blocks.{i}.attn1.to_{n}.{p}"] = (f"blocks.{i}.attn.qkv.{p}", j)
+        for key, dst in _EMBEDDERS.items():
+            table[f"transformer_blocks.{i}.norm1.emb.{key}"] = (dst, None)
+    return table
+
+
 def diffusers_to_official(state_dict: Mapping[str, np.ndarray],
                           depth: int) -> dict[str, np.ndarray]:
     """Official-layout state_dict (without pos_embed) from a DiTTransformer2DModel state_dict.
     The t/y embedders are stored once per block; block 0's are taken (as diffusers' final layer
     does) and the others are checked against them."""
-    mapping: dict[str, str] = {}
-    for src, dst in _TOP.items():
-        for p in ("weight", "bias"):
-            mapping[f"{src}.{p}"] = f"{dst}.{p}"
-    for i in range(depth):
-        for src, dst in _BLOCK.items():
-            for p in ("weight", "bias"):
-                mapping[f"transformer_blocks.{i}.{src}.{p}"] = f"blocks.{i}.{dst}.{p}"
-    qkv = [f"transformer_blocks.{i}.attn1.to_{n}.{p}"
-           for i in range(depth) for n in "qkv" for p in ("weight", "bias")]
-    copies = [f"transformer_blocks.{i}.norm1.emb.{k}" for i in range(depth) for k in _EMBEDDERS]
-    check_keys(state_dict, [*mapping, *qkv, *copies],
-                f"the state_dict does not match a {depth}-layer diffusers {DIFFUSERS_CLASS}")
-    out = {dst: state_dict[src] for src, dst in mapping.items()}
+    table = diffusers_keys(depth)
+    check_keys(state_dict, table,
+               f"the state_dict does not match a {depth}-layer diffusers {DIFFUSERS_CLASS}")
+    # qkv thirds and embedder copies are gathered below.
+    out = {dst: state_dict[src] for src, (dst, part) in table.items()
+           if part is None and ".norm1.emb." not in src}
     for i in range(depth):
         for p in ("weight", "bias"):
-            parts = [state_dict[f"transformer_blocks.{i}.attn1.to_{n}.{p}"] for n in "qkv"]
-            out[f"blocks.{i}.attn.qkv.{p}"] = np.concatenate(parts, axis=0)  # rows [q | k | v]
+            names = [f"transformer_blocks.{i}.attn1.to_{n}.{p}" for n in "qkv"]
+            shapes = [tuple(state_dict[name].shape) for name in names]
+            if len(set(shapes)) != 1 or len(shapes[0]) != (2 if p == "weight" else 1):
+                raise ValueError(
+                    f"{', '.join(names)} must be {'matrices' if p == 'weight' else 'vectors'} of "
+                    f"one shape (they are the fused qkv's thirds); they have shapes "
+                    f"{', '.join(map(str, shapes))}")
+            out[f"blocks.{i}.attn.qkv.{p}"] = np.concatenate(  # rows [q | k | v]
+                [np.asarray(state_dict[name]) for name in names], axis=0)
     for key, dst in _EMBEDDERS.items():
         first = state_dict[f"transformer_blocks.0.norm1.emb.{key}"]
         for i in range(1, depth):
@@ -417,6 +523,87 @@ def diffusers_to_official(state_dict: Mapping[str, np.ndarray],
                               f"model uses block 0's (as diffusers' final layer does)")
         out[dst] = first
     return out
+
+
+def _check_diffusers_shapes(state_dict: Mapping[str, np.ndarray], cfg: DiTConfig) -> None:
+    """Every tensor of a diffusers state_dict against the shapes a model of `cfg` needs, named by
+    the diffusers key the file has."""
+    expected = official_shapes(cfg)
+    for key, (official, part) in diffusers_keys(cfg.depth).items():
+        want = expected[official]
+        if part is not None:
+            want = (want[0] // 3,) + want[1:]
+        have = tuple(state_dict[key].shape)
+        if have != want:
+            raise ValueError(f"{key}: the diffusers weights have shape {have}, the model expects "
+                             f"{want} (official key {official})")
+
+
+def to_diffusers(model: DiT) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(config.json dict, state_dict of float32 torch tensors) of a diffusers
+    DiTTransformer2DModel holding `model`'s weights. diffusers computes its own numerics with
+    them (see the module doc): the same function as `model` when model.config.numerics is
+    "diffusers"."""
+    cfg = model.config
+    if cfg.num_classes == 0:
+        raise ValueError(f"diffusers' {DIFFUSERS_CLASS} is class-conditional only "
+                         f"(num_embeds_ada_norm is required): an unconditional DiT has no export")
+    if cfg.class_dropout_prob <= 0:
+        raise ValueError(
+            f"diffusers' {DIFFUSERS_CLASS} always holds a null-label row (num_embeds_ada_norm + 1 "
+            f"rows, its class dropout is fixed at 0.1); this DiT has class_dropout_prob="
+            f"{cfg.class_dropout_prob} and no such row")
+    height, width = _hw(cfg.input_size)
+    if height != width:
+        raise ValueError(f"diffusers' {DIFFUSERS_CLASS} has one sample_size: the input "
+                         f"{height}x{width} is not square")
+    if cfg.mlp_ratio != 4:
+        raise ValueError(f"diffusers' {DIFFUSERS_CLASS} has an MLP 4x wide; mlp_ratio is "
+                         f"{cfg.mlp_ratio}")
+    official = to_torch(model)
+    state_dict = {}
+    for key, (src, part) in diffusers_keys(cfg.depth).items():
+        tensor = official[src] if part is None else official[src].chunk(3, dim=0)[part]
+        # Own storage for every copy: safetensors refuses tensors that share memory.
+        state_dict[key] = tensor.clone().contiguous()
+    config = {
+        "_class_name": DIFFUSERS_CLASS,
+        "num_attention_heads": cfg.num_heads,
+        "attention_head_dim": cfg.hidden_size // cfg.num_heads,
+        "in_channels": cfg.in_channels,
+        "out_channels": cfg.out_channels,
+        "num_layers": cfg.depth,
+        "dropout": 0.0,
+        "norm_num_groups": 32,
+        "attention_bias": True,
+        "sample_size": height,
+        "patch_size": cfg.patch_size,
+        "activation_fn": "gelu-approximate",
+        "num_embeds_ada_norm": cfg.num_classes,
+        "upcast_attention": False,
+        "norm_type": "ada_norm_zero",
+        "norm_elementwise_affine": False,
+        "norm_eps": NUMERICS["diffusers"]["mlp_norm_eps"],
+    }
+    return config, state_dict
+
+
+def save_diffusers(model: DiT, folder: str | os.PathLike) -> Path:
+    """Write a diffusers DiTTransformer2DModel folder (config.json and
+    diffusion_pytorch_model.safetensors) that `DiTTransformer2DModel.from_pretrained` and
+    `from_diffusers` load."""
+    from safetensors.torch import save_file
+
+    if model.config.numerics != "diffusers":
+        warnings.warn(f"the model runs with numerics={model.config.numerics!r}; diffusers will run "
+                      f"these weights with the diffusers numerics (about 2% different)")
+    config, state_dict = to_diffusers(model)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file(state_dict, str(folder / "diffusion_pytorch_model.safetensors"),
+              metadata={"format": "pt"})
+    return folder
 
 
 def _diffusers_folder(folder_or_hub_id) -> Path:
@@ -489,15 +676,22 @@ def from_diffusers(folder_or_hub_id, *, numerics: str = "diffusers", name: str |
     if out_channels not in (in_channels, 2 * in_channels):
         raise ValueError(f"out_channels {out_channels} is neither in_channels nor twice it")
     depth = config["num_layers"]
-    state_dict = diffusers_to_official(_read_diffusers_weights(folder), depth)
+    weights = _read_diffusers_weights(folder)
+    check_keys(weights, diffusers_keys(depth),
+               f"{folder} does not match a {depth}-layer diffusers {DIFFUSERS_CLASS}")
     width = heads * head_dim
     patch = config["patch_size"]
+    table = "transformer_blocks.0.norm1.emb.class_embedder.embedding_table.weight"
     found = dict(
         input_size=config["sample_size"], patch_size=patch, in_channels=in_channels,
         hidden_size=width, depth=depth, num_heads=heads,
-        mlp_ratio=state_dict["blocks.0.mlp.fc1.weight"].shape[0] / width,
-        num_classes=config["num_embeds_ada_norm"], learn_sigma=out_channels == 2 * in_channels)
+        mlp_ratio=weights["transformer_blocks.0.ff.net.0.proj.weight"].shape[0] / width,
+        learn_sigma=out_channels == 2 * in_channels,
+        **label_fields(weights[table].shape[0], num_classes=config["num_embeds_ada_norm"],
+                       class_dropout_prob=overrides.get("class_dropout_prob"), key=table))
     cfg = resolve_config(found, name=name, image_size=image_size, numerics=numerics, **overrides)
+    _check_diffusers_shapes(weights, cfg)
+    state_dict = diffusers_to_official(weights, depth)
     # diffusers recomputes the position table instead of storing it: it is the same sin-cos table.
     state_dict["pos_embed"] = sincos_2d(width, cfg.grid_size).astype(np.float32)[None]
     return _build(state_dict, cfg)

@@ -104,11 +104,16 @@ class Checkpoints:
         failures = []
         for candidate in reversed(steps):
             try:
-                restored = self._restore_step(candidate, abstract_state, shardings)
+                restored, error = self._restore_step(candidate, abstract_state, shardings), None
             except Exception as err:  # noqa: BLE001 — any unreadable checkpoint is skipped
+                restored, error = None, err
+            # Each host reads only its own shards: a step counts only if every host read it, or
+            # the hosts would resume from different steps.
+            if not _on_every_host(error is None):
+                error = error or RuntimeError("another host could not read its shards")
                 log.warning("checkpoint %d in %s cannot be restored (%s: %s); trying an older one",
-                            candidate, self.directory, type(err).__name__, err)
-                failures.append((candidate, err))
+                            candidate, self.directory, type(error).__name__, error)
+                failures.append((candidate, error))
                 continue
             if failures:
                 self._set_aside([s for s, _ in failures])
@@ -260,4 +265,12 @@ def restore_model(workdir: str | Path, *, which: str = "ema", step: int | None =
         checkpoints.close()
 
 
+def _on_every_host(ok: bool) -> bool:
+    """Whether `ok` holds on every process (a collective: every process must call it)."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
+
+
 __all__ = ["Checkpoints", "load_model_config", "restore_model", "write_run_config"]
+

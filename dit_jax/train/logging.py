@@ -123,11 +123,12 @@ class Throughput:
     """Steps/s, images/s and MFU over a window of steps, timed between host syncs."""
 
     def __init__(self, *, global_batch_size: int, flops_per_image: float, num_devices: int,
-                 peak_tflops_override: float = 0.0):
+                 peak_tflops_override: float = 0.0, dtype="bfloat16"):
         device = jax.devices()[0]
         self.global_batch_size = global_batch_size
         self.flops_per_image = flops_per_image
-        per_device = peak_flops_per_device(device.device_kind, device.platform, peak_tflops_override)
+        per_device = peak_flops_per_device(device.device_kind, device.platform,
+                                           peak_tflops_override, dtype)
         self.peak = None if per_device is None else per_device * num_devices
         self.restart(0)
 

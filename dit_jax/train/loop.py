@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from dit_jax.data import make_batches, make_source
 from dit_jax.data.folder import save_class_mapping
@@ -91,6 +91,11 @@ def train(config, workdir: str | os.PathLike) -> dict[str, Any]:
     if 0 < num_classes < source.num_classes:
         raise ValueError(f"model.num_classes={num_classes}, but the data has {source.num_classes} "
                          f"classes (set -1 to follow the data)")
+    if num_classes != source.num_classes:
+        # Allowed (fine-tuning official 1000-class weights on fewer classes), but worth a look.
+        log.warning("model.num_classes=%d but the data has %d classes%s", num_classes,
+                    source.num_classes, ": every label is 0" if source.num_classes == 0 else
+                    f": labels {source.num_classes}..{num_classes - 1} are never trained")
     if getattr(source, "class_names", None) and jax.process_index() == 0:
         save_class_mapping(workdir, source.class_names)
     config.model.num_classes = num_classes
@@ -161,7 +166,8 @@ def _run(config, workdir: Path, source, model_cfg: DiTConfig, mesh: Mesh, vae=No
         {k: jax.ShapeDtypeStruct(s, jnp.float32 if k == "x" else jnp.int32,
                                  sharding=batch_sharding(mesh, len(s)))
          for k, s in batch_shape.items()}).compile()
-    grids = (SampleGrids(graphdef, model_cfg, config, mesh, workdir)
+    grids = (SampleGrids(graphdef, (abstract.ema, buffers), model_cfg, config, mesh, workdir,
+                         vae=vae)
              if config.sample_every and config.sample_every > 0 else None)
 
     # 5. The loop.
@@ -170,7 +176,8 @@ def _run(config, workdir: Path, source, model_cfg: DiTConfig, mesh: Mesh, vae=No
     throughput = Throughput(global_batch_size=global_batch,
                             flops_per_image=train_flops_per_image(model_cfg),
                             num_devices=mesh.size,
-                            peak_tflops_override=float(config.get("peak_tflops", 0.0)))
+                            peak_tflops_override=float(config.get("peak_tflops", 0.0)),
+                            dtype=model_cfg.dtype)
     preemption = Preemption(checkpoints)
     pending: list[tuple[int, dict]] = []  # metrics on device, not yet fetched
     window: list[tuple[int, dict]] = []  # fetched, not yet logged
@@ -375,95 +382,36 @@ class SampleGrids:
     """Class-conditional samples from the EMA weights with classifier-free guidance, written to
     WORKDIR/samples/step_<step>.png (a grid) and .npz (images uint8 and labels). The labels cycle
     through the classes and the initial noise is the same every time, so successive grids show
-    the same draws as training proceeds."""
+    the same draws as training proceeds. The sampler of sample.py, with the run's diffusion."""
 
-    def __init__(self, graphdef, model_cfg: DiTConfig, config, mesh: Mesh, workdir: Path):
-        from dit_jax import diffusion as diff
-        from dit_jax.sampling import diffusion_for, guided_model_fn, to_uint8
+    def __init__(self, graphdef, abstract_weights: tuple, model_cfg: DiTConfig, config,
+                 mesh: Mesh, workdir: Path, vae=None):
+        from dit_jax.sampling import ChunkSampler, Decoder, load_vae_decoder
 
         s = config.sample
         n = int(s.num_images)
-        classes = max(model_cfg.num_classes, 1)
-        self.labels = np.arange(n, dtype=np.int32) % classes
+        self.labels = np.arange(n, dtype=np.int32) % max(model_cfg.num_classes, 1)
         self.directory = workdir / SAMPLES_DIR
-        self.mesh = mesh
-        loops = {"ddpm": diff.p_sample_loop, "ddim": diff.ddim_sample_loop,
-                 "dpm++": diff.dpmpp_2m_sample_loop}
-        if s.sampler not in loops:
-            raise ValueError(f"sample.sampler must be one of {sorted(loops)}, got {s.sampler!r}")
-        sample_loop = loops[s.sampler]
-        diffusion = diffusion_for(s.sampler, int(s.steps))
-        side = model_cfg.input_size
-        shape = (n, side, side, model_cfg.in_channels)
-        decoder = None
-        if config.vae != "none":
-            from dit_jax.sampling import load_vae_decoder
-            decoder = load_vae_decoder(config.vae)
-        key = jax.random.fold_in(jax.random.key(int(config.seed)), 2)
-        cfg_scale = float(s.cfg_scale)
-
-        # Split over the batch devices when the count allows, else computed replicated.
-        rows = (batch_sharding(mesh, 4) if n % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0
-                else NamedSharding(mesh, P()))
-        modules = {}
-        if decoder is not None:
-            vae_graphdef, modules["vae"] = nnx.split(decoder.module)
-            self.vae_weights = jax.device_put(modules["vae"], state_shardings(modules["vae"], mesh))
-
-        clip_range = 1.0 if s.get("clip_denoised", False) else None
-        base = create_diffusion("", noise_schedule=config.diffusion.noise_schedule,
-                                diffusion_steps=int(config.diffusion.diffusion_steps))
-
-        def run(ema, buffers, vae_weights, labels):
-            noise_key, step_key = jax.random.split(key)
-            x_T = jax.lax.with_sharding_constraint(jax.random.normal(noise_key, shape), rows)
-            model = nnx.merge(graphdef, ema, buffers)
-            model_fn = guided_model_fn(model, labels, cfg_scale, "3")
-            if clip_range is not None:
-                model_fn = clip_denoised(model_fn, base, model_cfg.in_channels, clip_range)
-            x = sample_loop(diffusion, model_fn, x_T, step_key)
-            if decoder is not None:
-                x = decoder.decode(nnx.merge(vae_graphdef, vae_weights), x)
-            return to_uint8(x)
-
-        self._run = jax.jit(run, out_shardings=NamedSharding(mesh, P()))
-        if decoder is None:
-            self.vae_weights = None
+        self.sampler = ChunkSampler(
+            graphdef, abstract_weights, mesh=mesh, batch_size=n, seed=int(config.seed),
+            sampler=s.sampler, steps=int(s.steps), cfg_scale=float(s.cfg_scale),
+            decoder=(None if config.vae == "none" else  # the training VAE when there is one
+                     Decoder.of(vae) if vae is not None else load_vae_decoder(config.vae)),
+            clip_denoised=bool(s.get("clip_denoised", False)),
+            noise_schedule=config.diffusion.noise_schedule,
+            diffusion_steps=int(config.diffusion.diffusion_steps))
 
     def __call__(self, step: int, ema, buffers) -> Path | None:
-        from dit_jax.sampling import make_grid
+        from dit_jax.sampling import make_grid, save_png
 
-        labels = jax.device_put(self.labels, NamedSharding(self.mesh, P()))
-        out = self._run(ema, buffers, self.vae_weights, labels)
-        images = np.asarray(out.addressable_data(0))  # replicated: every host has all of it
+        images = self.sampler(0, self.labels, (ema, buffers))
         if jax.process_index() != 0:
             return None
-        from PIL import Image
-
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"step_{step:07d}.png"
-        Image.fromarray(make_grid(images)).save(path)
+        save_png(path, make_grid(images))
         np.savez(path.with_suffix(".npz"), images=images, labels=self.labels)
         return path
-
-
-def clip_denoised(model_fn, diffusion, channels: int, limit: float = 1.0):
-    """model_fn whose ε is re-derived from x̂0 clipped to [-limit, limit]: the `clip_denoised=True`
-    of the ADM samplers (DDPM's posterior mean and DDIM's step both follow from x̂0, and ε from
-    the clipped x̂0 reproduces it). For pixel-space data, which lives in [-1, 1]; the official DiT
-    samples unbounded latents and does not clip. `diffusion` is the unrespaced process: the model
-    sees original timesteps."""
-    sqrt_ab = jnp.asarray(diffusion.sqrt_alphas_cumprod, jnp.float32)
-    sqrt_1m_ab = jnp.asarray(diffusion.sqrt_one_minus_alphas_cumprod, jnp.float32)
-
-    def wrapped(x, t):
-        out = model_fn(x, t)
-        shape = (-1,) + (1,) * (x.ndim - 1)
-        a, b = sqrt_ab[t].reshape(shape), sqrt_1m_ab[t].reshape(shape)
-        x0 = jnp.clip((x - b * out[..., :channels]) / a, -limit, limit)
-        return jnp.concatenate([(x - a * x0) / b, out[..., channels:]], axis=-1)
-
-    return wrapped
 
 
 # --------------------------------------------------------------------------------------------
@@ -503,10 +451,10 @@ __all__ = ["NonFiniteLossError", "PREEMPTED_EXIT_CODE", "SampleGrids", "assemble
 
 
 def _latent_encoder(vae_graphdef):
-    """`encoder(vae_weights, images, key) -> latents` for encoding inside the train step."""
+    """`encoder(vae_weights, images, noise) -> latents` for encoding inside the train step."""
     from dit_jax.models.vae import encode_to_latents
 
-    def encoder(weights, images, key):
-        return encode_to_latents(nnx.merge(vae_graphdef, weights), images, key)
+    def encoder(weights, images, noise):
+        return encode_to_latents(nnx.merge(vae_graphdef, weights), images, noise=noise)
 
     return encoder

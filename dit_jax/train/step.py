@@ -37,13 +37,19 @@ def make_train_step(graphdef, diffusion, tx: optax.GradientTransformation, sched
     batch: {"x": (B, H, W, C) float32, "y": (B,) int32}, sharded over (data, fsdp).
     metrics: batch means of the loss and its terms, the global gradient norm (before clipping)
     and the learning rate of this update.
-    encoder: `encoder(vae_weights, images, key) -> latents` to train on images encoded inside
-    the step (a posterior sample × scaling factor, as released); `buffers` is then the pair
-    (model buffers, VAE weights).
+    encoder: `encoder(vae_weights, images, noise) -> latents` to train on images encoded inside
+    the step (the posterior mean + std · noise, × scaling factor, as released); `buffers` is then
+    the pair (model buffers, VAE weights). Each microbatch is encoded on its own, so the VAE's
+    activations scale with the microbatch, not the batch; the posterior noise is drawn for the
+    whole batch, so accumulation does not change the draws.
     """
     k = step_config.accum_steps
 
     def microbatch_grads(params, buffers, micro):
+        if encoder is not None:
+            buffers, vae_weights = buffers
+            micro = {**micro, "x": encoder(vae_weights, micro["x"], micro["posterior_noise"])}
+
         def loss_fn(p):
             model = nnx.merge(graphdef, p, buffers)
             # Labels were already dropped for the whole batch, so no dropout inside the model.
@@ -57,17 +63,20 @@ def make_train_step(graphdef, diffusion, tx: optax.GradientTransformation, sched
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         t_key, noise_key, drop_key = jax.random.split(key, 3)
         x, y = batch["x"], batch["y"]
-        if encoder is not None:
-            buffers, vae_weights = buffers
-            # A stream of its own: the other draws stay those of a run on extracted latents.
-            x = encoder(vae_weights, x, jax.random.fold_in(key, 3))
+        model_buffers = buffers[0] if encoder is not None else buffers
+        latent_shape = (jax.eval_shape(encoder, buffers[1], x, None).shape
+                        if encoder is not None else x.shape)
         n = x.shape[0]
         inputs = {
-            "x": x,
-            "y": _drop_labels(graphdef, state.params, buffers, y, drop_key),
+            "x": x,  # images when encoded here, else what the model sees
+            "y": _drop_labels(graphdef, state.params, model_buffers, y, drop_key),
             "t": jax.random.randint(t_key, (n,), 0, diffusion.num_timesteps, jnp.int32),
-            "noise": jax.random.normal(noise_key, x.shape, jnp.float32),
+            "noise": jax.random.normal(noise_key, latent_shape, jnp.float32),
         }
+        if encoder is not None:
+            # A stream of its own: the other draws stay those of a run on extracted latents.
+            inputs["posterior_noise"] = jax.random.normal(jax.random.fold_in(key, 3), latent_shape,
+                                                          jnp.float32)
         if k == 1:
             grads, terms = microbatch_grads(state.params, buffers, inputs)
         else:
