@@ -69,6 +69,10 @@ PEAK_TFLOPS = (
 )
 
 
+# Devices without TF32 tensor cores: float32 matmuls run on the plain FP32 units.
+FP32_TFLOPS_WITHOUT_TF32 = {"V100": 15.7}
+
+
 def peak_flops_per_device(device_kind: str, platform: str, override_tflops: float = 0.0,
                           dtype="bfloat16") -> float | None:
     """FLOP/s of one device for matmuls in `dtype` (the model's compute dtype), or None where no
@@ -79,8 +83,10 @@ def peak_flops_per_device(device_kind: str, platform: str, override_tflops: floa
         return float(override_tflops) * 1e12
     if platform == "cpu":
         return None
+    sixteen_bit = jnp.dtype(dtype).itemsize <= 2
     for name, tflops in PEAK_TFLOPS:
         if name.lower() in device_kind.lower():
-            sixteen_bit = jnp.dtype(dtype).itemsize <= 2
-            return tflops * 1e12 / (1 if sixteen_bit or platform == "tpu" else 2)
+            if sixteen_bit or platform == "tpu":
+                return tflops * 1e12
+            return FP32_TFLOPS_WITHOUT_TF32.get(name, tflops / 2) * 1e12
     return None

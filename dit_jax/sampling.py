@@ -395,6 +395,9 @@ def sample(request: SampleRequest, *, mesh: Mesh | None = None, model: DiT | Non
         raise ValueError(f"label {bad[0]} is out of range: the model has {cfg.num_classes} classes")
     if cfg.num_classes == 0 and request.cfg_scale != 1.0:
         log.warning("the model is unconditional: sampling without guidance")
+    elif request.cfg_scale != 1.0 and cfg.class_dropout_prob <= 0:
+        raise ValueError(f"--cfg-scale {request.cfg_scale} needs a null class, but the model has "
+                         f"none (class_dropout_prob=0); sample with --cfg-scale=1")
 
     out = Path(request.out)
     settings = {k: v for k, v in dataclasses.asdict(request).items() if k not in ("out", "npz")}

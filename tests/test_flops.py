@@ -25,4 +25,5 @@ def test_peak_lookup():
     # float32 matmuls: TF32 on NVIDIA (half rate), one bf16 pass on TPU (full rate)
     assert peak_flops_per_device("NVIDIA H100 80GB HBM3", "gpu", dtype="float32") == 494.5e12
     assert peak_flops_per_device("TPU v5 lite", "tpu", dtype="float32") == 197e12
+    assert peak_flops_per_device("Tesla V100-SXM2-16GB", "gpu", dtype="float32") == 15.7e12
     assert peak_flops_per_device("cpu", "cpu", override_tflops=1.5) == 1.5e12

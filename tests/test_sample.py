@@ -173,6 +173,12 @@ def test_bad_inputs(tmp_path, dit_dir):
         _run_cli([f"--ckpt={dit_dir}", "--image-size=256", "--vae=none", f"--out={tmp_path}"])
     with pytest.raises(ValueError, match="label 10 is out of range"):
         _run_cli([f"--ckpt={dit_dir}", "--labels=1,10", "--vae=none", f"--out={tmp_path}"])
+    no_null = random_dit(seed=2, depth=1, hidden_size=64, num_heads=4, patch_size=2,
+                         input_size=LATENT, num_classes=NUM_CLASSES, class_dropout_prob=0.0)
+    save_model(tmp_path / "no_null", no_null)
+    with pytest.raises(ValueError, match="needs a null class.*--cfg-scale=1"):
+        _run_cli([f"--ckpt={tmp_path / 'no_null'}", "--vae=none", "--cfg-scale=4",
+                  f"--out={tmp_path}"])
     with pytest.raises(app.UsageError, match="--ckpt is required.*DiT-XL-2-256x256.pt"):
         _run_cli([f"--out={tmp_path}"])
     with pytest.raises(flags.IllegalFlagValueError):

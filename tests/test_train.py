@@ -249,6 +249,26 @@ def test_sample_grids_follow_the_runs_diffusion(tmp_path):
     assert np.abs(grids["linear"].astype(int) - grids["squaredcos_cap_v2"]).max() > 10
 
 
+def test_sample_grids_without_a_null_class_draw_unguided(tmp_path, caplog):
+    # class_dropout_prob=0: no null row, so guidance is impossible; the grids must not crash.
+    from dit_jax.train.loop import SampleGrids
+
+    config = tiny_config()
+    config.sample.num_images, config.sample.steps, config.sample.cfg_scale = 2, 2, 4.0
+    cfg = DiTConfig(**{**TINY.__dict__, "class_dropout_prob": 0.0})
+    tx, _ = tiny_optimizer()
+    mesh = make_mesh()
+    with jax.set_mesh(mesh):
+        graphdef, _, _ = split_model(cfg)
+        state = create_train_state(cfg, tx, mesh, seed=0)
+        buffers = model_buffers(cfg, mesh)
+        with caplog.at_level("WARNING"):
+            sampler = SampleGrids(graphdef, (abstract_train_state(cfg, tx).ema, buffers), cfg,
+                                  config, mesh, tmp_path)
+        assert "drawn without guidance" in caplog.text
+        assert sampler(1, state.ema, buffers).is_file()
+
+
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(good_run, tmp_path, caplog):
     workdir = tmp_path / "run"
     shutil.copytree(good_run, workdir)

@@ -108,7 +108,9 @@ class Checkpoints:
             except Exception as err:  # noqa: BLE001 — any unreadable checkpoint is skipped
                 restored, error = None, err
             # Each host reads only its own shards: a step counts only if every host read it, or
-            # the hosts would resume from different steps.
+            # the hosts would resume from different steps. Limit: a host that fails inside
+            # orbax's restore, before orbax's own barrier, leaves the others waiting at that
+            # barrier until its timeout; the agreement then follows their failure.
             if not _on_every_host(error is None):
                 error = error or RuntimeError("another host could not read its shards")
                 log.warning("checkpoint %d in %s cannot be restored (%s: %s); trying an older one",

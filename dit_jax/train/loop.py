@@ -93,9 +93,12 @@ def train(config, workdir: str | os.PathLike) -> dict[str, Any]:
                          f"classes (set -1 to follow the data)")
     if num_classes != source.num_classes:
         # Allowed (fine-tuning official 1000-class weights on fewer classes), but worth a look.
-        log.warning("model.num_classes=%d but the data has %d classes%s", num_classes,
-                    source.num_classes, ": every label is 0" if source.num_classes == 0 else
-                    f": labels {source.num_classes}..{num_classes - 1} are never trained")
+        consequence = (
+            "the model is unconditional and ignores the labels" if num_classes == 0 else
+            "every label is 0" if source.num_classes == 0 else
+            f"labels {source.num_classes}..{num_classes - 1} are never trained")
+        log.warning("model.num_classes=%d but the data has %d classes: %s", num_classes,
+                    source.num_classes, consequence)
     if getattr(source, "class_names", None) and jax.process_index() == 0:
         save_class_mapping(workdir, source.class_names)
     config.model.num_classes = num_classes
@@ -392,9 +395,15 @@ class SampleGrids:
         n = int(s.num_images)
         self.labels = np.arange(n, dtype=np.int32) % max(model_cfg.num_classes, 1)
         self.directory = workdir / SAMPLES_DIR
+        cfg_scale = float(s.cfg_scale)
+        if model_cfg.num_classes and model_cfg.class_dropout_prob <= 0 and cfg_scale != 1.0:
+            # Found now rather than at the first grid, sample_every steps into the run.
+            log.warning("class_dropout_prob=0: the model has no null class, so the sample grids "
+                        "are drawn without guidance (sample.cfg_scale=%g ignored)", cfg_scale)
+            cfg_scale = 1.0
         self.sampler = ChunkSampler(
             graphdef, abstract_weights, mesh=mesh, batch_size=n, seed=int(config.seed),
-            sampler=s.sampler, steps=int(s.steps), cfg_scale=float(s.cfg_scale),
+            sampler=s.sampler, steps=int(s.steps), cfg_scale=cfg_scale,
             decoder=(None if config.vae == "none" else  # the training VAE when there is one
                      Decoder.of(vae) if vae is not None else load_vae_decoder(config.vae)),
             clip_denoised=bool(s.get("clip_denoised", False)),
