@@ -5,11 +5,13 @@
         --cfg-scale 1.5 --num-samples 50000 --batch-size 256 --out runs/fid --npz runs/fid.npz
     # a few classes, as the official sample.py
     python sample.py --ckpt DiT-XL-2-256x256.pt --labels 207,360,387,974,88,979,417,279
-    # a pixel-space model trained with train.py
-    python sample.py --ckpt runs/demo --vae none --labels 0,1,2,3 --sampler ddim --steps 50
+    # a pixel-space model trained with train.py (its config.json says: no VAE, clip x0)
+    python sample.py --ckpt runs/demo --labels 0,1,2,3 --sampler ddim --steps 50
 
 --ckpt is anything `dit_jax.port.load_any` reads: an official .pt, a .safetensors file, a diffusers
-folder or hub id, a dit_jax model checkpoint directory, or a train.py workdir. Runs resume: chunks
+folder or hub id, a dit_jax model checkpoint directory, or a train.py workdir. A workdir's own
+config.json supplies the defaults of --vae (none for a pixel-space run), --image-size,
+--clip-denoised, --noise-schedule and --diffusion-steps; flags given explicitly win. Runs resume: chunks
 already in OUT/chunks/ are not sampled again. On a pod, run the same command on every host: the
 samples are split over all devices of all hosts and host 0 writes the files (OUT must be on a
 shared file system). See dit_jax/sampling.py.
@@ -17,8 +19,11 @@ shared file system). See dit_jax/sampling.py.
 
 from absl import app, flags, logging
 
-from dit_jax.sampling import (DEFAULT_VAE, GUIDANCE_CHANNELS, SAMPLERS, SampleRequest,
-                              sample)
+from dit_jax.distributed import initialize_distributed
+from dit_jax.port.dit import DOWNLOAD_HELP
+from dit_jax.samplers import ALIASES
+from dit_jax.sampling import (DEFAULT_VAE, GUIDANCE_CHANNELS, RUN_SETTINGS, SAMPLERS,
+                              SampleRequest, run_settings, sample)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("ckpt", None, "DiT weights: file, folder, workdir or hub id")
@@ -33,7 +38,8 @@ flags.DEFINE_integer("batch_size", 32, "global batch per chunk, split over all d
 flags.DEFINE_float("cfg_scale", 4.0, "classifier-free guidance scale (1: none)")
 flags.DEFINE_enum("guidance_channels", "3", list(GUIDANCE_CHANNELS),
                   "guide 3 ε channels (the released DiT) or all of them")
-flags.DEFINE_enum("sampler", "ddpm", list(SAMPLERS), "sampler")
+flags.DEFINE_enum("sampler", "ddpm", [*SAMPLERS, *ALIASES],
+                  f"sampler (dit_jax.samplers; older spellings: {ALIASES})")
 flags.DEFINE_integer("steps", 250, "sampling steps")
 flags.DEFINE_integer("seed", 0, "random seed")
 flags.DEFINE_string("out", "samples", "output directory: grid.png, samples/, chunks/")
@@ -61,7 +67,6 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def request_from_flags() -> SampleRequest:
     if FLAGS.ckpt is None:
-        from dit_jax.port.dit import DOWNLOAD_HELP
         raise app.UsageError(f"--ckpt is required. {DOWNLOAD_HELP}")
     labels = None
     if FLAGS.labels:
@@ -69,21 +74,25 @@ def request_from_flags() -> SampleRequest:
             labels = tuple(int(label) for label in FLAGS.labels)
         except ValueError:
             raise app.UsageError(f"--labels must be integers, got {','.join(FLAGS.labels)}")
+    settings = {name: FLAGS[name].value for name in RUN_SETTINGS}
+    # A train.py workdir's own settings replace the defaults of the flags not given.
+    recorded = {k: v for k, v in run_settings(FLAGS.ckpt).items() if not FLAGS[k].present}
+    if recorded:
+        logging.info("from %s/config.json: %s", FLAGS.ckpt,
+                     ", ".join(f"{k}={v}" for k, v in recorded.items()))
+        settings.update(recorded)
     return SampleRequest(
-        ckpt=FLAGS.ckpt, model=FLAGS.model, image_size=FLAGS.image_size, vae=FLAGS.vae,
-        labels=labels, num_samples=FLAGS.num_samples, batch_size=FLAGS.batch_size,
-        cfg_scale=FLAGS.cfg_scale, guidance_channels=FLAGS.guidance_channels,
-        sampler=FLAGS.sampler, steps=FLAGS.steps, seed=FLAGS.seed, out=FLAGS.out, npz=FLAGS.npz,
-        dtype=FLAGS.dtype, numerics=FLAGS.numerics, clip_denoised=FLAGS.clip_denoised,
-        noise_schedule=FLAGS.noise_schedule, diffusion_steps=FLAGS.diffusion_steps)
+        ckpt=FLAGS.ckpt, model=FLAGS.model, labels=labels, num_samples=FLAGS.num_samples,
+        batch_size=FLAGS.batch_size, cfg_scale=FLAGS.cfg_scale,
+        guidance_channels=FLAGS.guidance_channels, sampler=FLAGS.sampler, steps=FLAGS.steps,
+        seed=FLAGS.seed, out=FLAGS.out, npz=FLAGS.npz, dtype=FLAGS.dtype,
+        numerics=FLAGS.numerics, **settings)
 
 
 def main(argv):
     del argv
     request = request_from_flags()
-    if FLAGS.distributed != "off":
-        from dit_jax.train.loop import initialize_distributed  # before JAX picks its devices
-        initialize_distributed(FLAGS.distributed)
+    initialize_distributed(FLAGS.distributed)  # before JAX picks its devices
     written = sample(request)
     for name in ("grid", "samples", "npz", "chunks"):
         if name in written:

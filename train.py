@@ -12,6 +12,9 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from dit_jax.distributed import initialize_distributed
+from dit_jax.train.loop import PREEMPTED_EXIT_CODE, NonFiniteLossError, train
+
 config_flags.DEFINE_config_file("config", None, "training config file (e.g. configs/dit.py:XL/2)",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "directory for checkpoints, logs and samples")
@@ -26,9 +29,6 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    from dit_jax.train import NonFiniteLossError, initialize_distributed, train
-    from dit_jax.train.loop import PREEMPTED_EXIT_CODE
-
     # Orbax logs every file it writes at INFO; keep the console to this project's messages.
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("dit_jax").setLevel(logging.INFO)

@@ -35,18 +35,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from dit_jax.data.folder import LAYOUTS, ImageFolderSource, class_folders_for
 from dit_jax.data.latents import (FORMAT, MANIFEST, MANIFEST_STORED, labels_file, moments_file)
 from dit_jax.data.pipeline import ensure_absl_flags_parsed
-from dit_jax.sharding import batch_sharding, make_mesh, shard_batch
+from dit_jax.distributed import initialize_distributed, wait_for_every_host
+from dit_jax.port.vae import load_vae
+from dit_jax.sharding import batch_sharding, make_mesh, replicated, shard_batch
 
 log = logging.getLogger(__name__)
 
 PLAN = "extraction.json"  # the settings of an extraction in progress, to refuse mixing two
-VAE_SHORTHANDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 
 
 def shard_record(shard: int) -> str:
@@ -78,7 +78,7 @@ def make_encoder(vae, mesh):
     """jitted (weights, images (B, S, S, 3)) → moments (B, 2, 2, h, w, c): orientation (as is,
     mirrored) × (mean, std), the batch split over the mesh."""
     graphdef, weights = nnx.split(vae)
-    weights = jax.device_put(weights, NamedSharding(mesh, P()))
+    weights = jax.device_put(weights, replicated(mesh))
 
     def encode(weights, x):
         model = nnx.merge(graphdef, weights)
@@ -90,7 +90,7 @@ def make_encoder(vae, mesh):
         moments = jnp.stack([posterior.mean, posterior.std], axis=1)  # (2n, 2, h, w, c)
         return moments.reshape((n, 2) + moments.shape[1:])
 
-    jitted = jax.jit(encode, in_shardings=(NamedSharding(mesh, P()), batch_sharding(mesh, 4)),
+    jitted = jax.jit(encode, in_shardings=(replicated(mesh), batch_sharding(mesh, 4)),
                      out_shardings=batch_sharding(mesh, 6))
     return lambda x: jitted(weights, x)
 
@@ -131,8 +131,7 @@ def extract(data: str | os.PathLike, out: str | os.PathLike, *, image_size: int,
     source = ImageFolderSource(data, image_size, class_folders=class_folders,
                                replace_unreadable=False)
     if vae_module is None:
-        from dit_jax.port.vae import load_vae
-        vae_module = load_vae(VAE_SHORTHANDS.get(vae, vae), dtype=vae_dtype)
+        vae_module = load_vae(vae, dtype=vae_dtype)
     down = vae_module.scale_factor
     if image_size % down:
         raise ValueError(f"image_size {image_size} is not divisible by the VAE's {down}x downsampling")
@@ -213,9 +212,7 @@ def extract(data: str | os.PathLike, out: str | os.PathLike, *, image_size: int,
             close()
     bar.close()
 
-    if count > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices("dit_jax.extract_latents: all shards written")
+    wait_for_every_host("dit_jax.extract_latents: all shards written")
     manifest = _manifest(out, plan, num_shards, vae_module)
     if p == 0:
         _write_json(out / MANIFEST, manifest)
@@ -283,7 +280,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from dit_jax.train.loop import initialize_distributed
     initialize_distributed(args.distributed)
     manifest = extract(
         args.data, args.out, image_size=args.image_size, vae=args.vae, batch_size=args.batch_size,

@@ -30,24 +30,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 from PIL import Image
 from tqdm import tqdm
 
 from dit_jax import diffusion as diff
+from dit_jax.checkpoint import read_run_config
+from dit_jax.distributed import gather_rows
 from dit_jax.models.dit import DiT
-from dit_jax.sharding import batch_sharding, make_mesh, state_shardings
-from dit_jax.train.state import place
+from dit_jax.models.vae import decode_latents
+from dit_jax.port.dit import load_any
+from dit_jax.port.vae import load_vae
+from dit_jax.samplers import get_sampler, sample_loop, sampler_names
+from dit_jax.sharding import batch_sharding, make_mesh, place, replicated, state_shardings
 
 log = logging.getLogger(__name__)
 
-SAMPLERS = ("ddpm", "ddim", "dpm++")
+SAMPLERS = sampler_names("diffusion")  # the samplers a DiT runs (see dit_jax.samplers)
 GUIDANCE_CHANNELS = ("3", "all")
 GRID_MAX = 64
 NOISE_STREAM, LABEL_STREAM = 0, 1  # independent key streams under the run's seed
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"  # the decoder of the paper's FID numbers
-VAE_SHORTHANDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +80,7 @@ class SampleRequest:
     diffusion_steps: int = 1000
 
     def __post_init__(self):
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {self.sampler!r}; one of {SAMPLERS}")
+        get_sampler(self.sampler)  # an unknown name fails here, with the list of names
         if self.guidance_channels not in GUIDANCE_CHANNELS:
             raise ValueError(f"guidance_channels must be one of {GUIDANCE_CHANNELS}, got "
                              f"{self.guidance_channels!r}")
@@ -105,18 +107,37 @@ class SampleRequest:
 
 def diffusion_for(sampler: str, steps: int, *, learn_sigma: bool = True,
                   noise_schedule: str = "linear", diffusion_steps: int = 1000):
-    """The respaced diffusion of a sampler: `steps` time-uniform steps (the official respacing) for
-    DDPM and DDIM, uniform in log-SNR for DPM-Solver++ (its recommended grid). Without a learned
-    variance the official fixed one (β_t) is used. `noise_schedule` / `diffusion_steps` are the
-    process the model was trained with (the official linear 1000 by default)."""
-    spacing = f"logsnr{steps}" if sampler == "dpm++" else str(steps)
+    """The respaced diffusion of a sampler: `steps` steps on the sampler's default grid
+    (`dit_jax.samplers`: time-uniform, the official respacing, for DDPM and DDIM; uniform in
+    log-SNR for DPM-Solver++). Without a learned variance the official fixed one (β_t) is used.
+    `noise_schedule` / `diffusion_steps` are the process the model was trained with (the official
+    linear 1000 by default)."""
+    spacing = get_sampler(sampler).default_spacing(steps)
     return diff.create_diffusion(spacing, learn_sigma=learn_sigma, noise_schedule=noise_schedule,
                                  diffusion_steps=diffusion_steps)
 
 
-def _sample_loop(sampler: str) -> Callable:
-    return {"ddpm": diff.p_sample_loop, "ddim": diff.ddim_sample_loop,
-            "dpm++": diff.dpmpp_2m_sample_loop}[sampler]
+# The SampleRequest fields a train.py workdir's config.json decides (the model config itself, e.g.
+# learn_sigma, comes with the weights).
+RUN_SETTINGS = ("vae", "image_size", "clip_denoised", "noise_schedule", "diffusion_steps")
+
+
+def run_settings(ckpt: str) -> dict[str, Any]:
+    """What a train.py workdir's recorded run config says about sampling from it: its VAE ("none"
+    for a pixel-space run), image size, x̂0 clipping and diffusion process, as SampleRequest
+    fields; {} when `ckpt` is not a workdir."""
+    config = read_run_config(ckpt)
+    if config is None:
+        return {}
+    try:
+        return {"vae": config["vae"], "image_size": int(config["data"]["image_size"]),
+                "clip_denoised": bool(config["sample"]["clip_denoised"]),
+                "noise_schedule": config["diffusion"]["noise_schedule"],
+                "diffusion_steps": int(config["diffusion"]["diffusion_steps"])}
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{ckpt}/config.json lacks {err} (not written by this train.py?); pass "
+                         f"--vae/--image-size/--clip-denoised/--noise-schedule/--diffusion-steps "
+                         f"instead") from None
 
 
 def guided_model_fn(model: DiT, labels: jax.Array, cfg_scale: float, guidance_channels: str):
@@ -154,7 +175,6 @@ class Decoder:
     @classmethod
     def of(cls, vae) -> Decoder:
         """The decoder of a dit_jax AutoencoderKL."""
-        from dit_jax.models.vae import decode_latents
         return cls(module=vae, decode=decode_latents, scale_factor=vae.scale_factor,
                    latent_channels=vae.latent_channels)
 
@@ -180,12 +200,11 @@ class ChunkSampler:
                  guidance_channels: str = "3", decoder: Decoder | None = None,
                  clip_denoised: bool = False, noise_schedule: str = "linear",
                  diffusion_steps: int = 1000):
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; one of {SAMPLERS}")
+        if get_sampler(sampler).family != "diffusion":
+            raise ValueError(f"sampler {sampler!r} needs a transport, not a diffusion model")
         self.mesh = mesh
         # Every device gets an equal slice; padding rows are generated and thrown away.
         self.padded = math.ceil(batch_size / mesh.size) * mesh.size
-        sample_loop = _sample_loop(sampler)
         rows = batch_sharding(mesh, 4)
         self.weight_shardings = state_shardings(weights, mesh)
         vae_graphdef = vae_shardings = self.vae_weights = None
@@ -211,14 +230,14 @@ class ChunkSampler:
             diffusion = diffusion_for(sampler, steps, learn_sigma=cfg.learn_sigma,
                                       noise_schedule=noise_schedule,
                                       diffusion_steps=diffusion_steps)
-            x = sample_loop(diffusion, model_fn, x_T, step_key)
+            x = sample_loop(sampler, diffusion, model_fn, x_T, step_key)
             if decoder is not None:
                 x = decoder.decode(nnx.merge(vae_graphdef, vae_weights), x)
             return to_uint8(x) if writes_images(dit, decoder) else x.astype(jnp.float32)
 
         self._labels_sharding = batch_sharding(mesh, 1)
         self._run = jax.jit(
-            run, in_shardings=(self.weight_shardings, vae_shardings, NamedSharding(mesh, P()),
+            run, in_shardings=(self.weight_shardings, vae_shardings, replicated(mesh),
                                self._labels_sharding),
             out_shardings=batch_sharding(mesh, 4))
 
@@ -232,11 +251,10 @@ class ChunkSampler:
         n = len(labels)
         padded = np.zeros(self.padded, np.int32)
         padded[:n] = labels
-        global_labels = jax.make_array_from_callback(padded.shape, self._labels_sharding,
-                                                     lambda index: padded[index])
+        global_labels = place(padded, self._labels_sharding)
         with jax.set_mesh(self.mesh):
             out = self._run(weights, self.vae_weights, np.int32(chunk), global_labels)
-        return np.asarray(multihost_utils.process_allgather(out, tiled=True))[:n]
+        return gather_rows(out)[:n]
 
 
 def clip_denoised_fn(model_fn, diffusion, channels: int, limit: float = 1.0):
@@ -245,15 +263,11 @@ def clip_denoised_fn(model_fn, diffusion, channels: int, limit: float = 1.0):
     the clipped x̂0 reproduces it). For pixel-space data, which lives in [-1, 1]; the official DiT
     samples unbounded latents and does not clip. `diffusion` is the unrespaced process: the model
     sees original timesteps."""
-    sqrt_ab = jnp.asarray(diffusion.sqrt_alphas_cumprod, jnp.float32)
-    sqrt_1m_ab = jnp.asarray(diffusion.sqrt_one_minus_alphas_cumprod, jnp.float32)
-
     def wrapped(x, t):
         out = model_fn(x, t)
-        shape = (-1,) + (1,) * (x.ndim - 1)
-        a, b = sqrt_ab[t].reshape(shape), sqrt_1m_ab[t].reshape(shape)
-        x0 = jnp.clip((x - b * out[..., :channels]) / a, -limit, limit)
-        return jnp.concatenate([(x - a * x0) / b, out[..., channels:]], axis=-1)
+        x0 = diff.predict_xstart_from_eps(diffusion, x, t, out[..., :channels])
+        eps = diff.predict_eps_from_xstart(diffusion, x, t, jnp.clip(x0, -limit, limit))
+        return jnp.concatenate([eps, out[..., channels:]], axis=-1)
 
     return wrapped
 
@@ -350,9 +364,7 @@ def write_npz(path: Path, store: ChunkStore, chunks: Sequence[int], labels: np.n
 
 def load_vae_decoder(spec: str) -> Decoder:
     """The diffusers-format VAE `spec` (folder, hub id, or "ema"/"mse"), decoding in float32."""
-    from dit_jax.port.vae import load_vae
-
-    return Decoder.of(load_vae(VAE_SHORTHANDS.get(spec, spec)))
+    return Decoder.of(load_vae(spec))
 
 
 def check_model(model: DiT, image_size: int | None, decoder: Decoder | None):
@@ -379,8 +391,6 @@ def sample(request: SampleRequest, *, mesh: Mesh | None = None, model: DiT | Non
            decoder: Decoder | None = None) -> dict[str, Any]:
     """Run `request`; `mesh` defaults to every device of every host, `model` / `decoder` to what
     request.ckpt / request.vae name. Returns the paths written and the sample labels."""
-    from dit_jax.port.dit import load_any
-
     mesh = mesh if mesh is not None else make_mesh()
     if model is None:
         numerics = {"numerics": request.numerics} if request.numerics else {}

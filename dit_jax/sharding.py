@@ -11,6 +11,12 @@ maps them to the mesh axes `data`, `fsdp` and `tensor`:
 
 A dimension that a mesh axis does not divide evenly is replicated instead, so small test models
 run on any mesh.
+
+Also here: placing host values as global arrays (`place`), abstract arrays that carry shardings
+(restore and compile targets), the rows of the global batch each host loads (`host_batch_rows`)
+and their assembly into one global batch (`shard_batch`), the microbatch layout of gradient
+accumulation, and the model's placed buffers. Multi-host start-up and agreement live in
+`dit_jax.distributed`.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from dit_jax.models.dit import DiT, DiTConfig, split_model
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -94,13 +102,74 @@ def state_shardings(state: Any, mesh: Mesh, rules: dict[str, Any] = LOGICAL_AXIS
     return jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Every device holds the whole array."""
+    return NamedSharding(mesh, P())
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
     """The leading (batch) axis split over data × fsdp, the rest replicated."""
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
-def shard_batch(local_batch: Any, mesh: Mesh) -> Any:
-    """Global arrays from this host's slice of the batch (every host passes its own rows)."""
-    return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(x)), np.asarray(x)),
-        local_batch)
+def microbatch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """(microbatches, rows, ...): every microbatch split over data × fsdp like a full batch."""
+    return NamedSharding(mesh, P(None, BATCH_AXES, *([None] * (ndim - 2))))
+
+
+def shard_batch(local_batch: Any, mesh: Mesh, global_batch: int | None = None) -> Any:
+    """Global arrays from this host's rows of the batch (every host passes its own rows, those of
+    `host_batch_rows`); `global_batch` is the global row count (default: inferred)."""
+    def assemble(x):
+        x = np.asarray(x)
+        shape = None if global_batch is None else (global_batch,) + x.shape[1:]
+        return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x, shape)
+    return jax.tree.map(assemble, local_batch)
+
+
+def host_batch_rows(mesh: Mesh, global_batch: int) -> tuple[int, int]:
+    """The rows [lo, hi) of the global batch that this host's devices hold."""
+    index_map = batch_sharding(mesh, 1).addressable_devices_indices_map((global_batch,))
+    ranges = sorted({(s[0].start or 0, global_batch if s[0].stop is None else s[0].stop)
+                     for s in index_map.values()})
+    lo, hi = ranges[0][0], ranges[-1][1]
+    if sum(b - a for a, b in ranges) != hi - lo:
+        raise ValueError(f"this host's batch rows {ranges} are not contiguous for mesh {mesh.shape}")
+    return lo, hi
+
+
+def default_host_rows(global_batch_size: int, process_index: int | None = None,
+                      process_count: int | None = None) -> tuple[int, int]:
+    """Rows [lo, hi) of the global batch that host `process_index` of `process_count` loads
+    without a mesh at hand: equal contiguous blocks in process order (what `host_batch_rows`
+    gives for a batch split over every device)."""
+    if process_index is None or process_count is None:
+        process_index, process_count = jax.process_index(), jax.process_count()
+    if global_batch_size % process_count:
+        raise ValueError(f"global batch {global_batch_size} is not divisible by {process_count} hosts")
+    per_host = global_batch_size // process_count
+    return process_index * per_host, (process_index + 1) * per_host
+
+
+def place(tree: Any, shardings: Any) -> Any:
+    """Host (or device) values → global arrays with `shardings`; every host passes the same full
+    values and keeps only its shards (works across processes, unlike a plain device_put)."""
+    def put(value, sharding):
+        value = np.asarray(value)
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+    return jax.tree.map(put, tree, shardings)
+
+
+def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of `abstract` carrying `shardings`: restore and compile targets."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)
+
+
+def model_buffers(cfg: DiTConfig, mesh: Mesh) -> nnx.State:
+    """The model's non-trained variables, replicated on `mesh`. The construction is jitted and
+    returns only the buffers, so XLA drops the (unused) random initialisation of the weights."""
+    _, _, abstract = split_model(cfg)
+    shardings = state_shardings(abstract, mesh)
+    return jax.jit(lambda: nnx.split(DiT(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)[2],
+                   out_shardings=shardings)()

@@ -11,7 +11,8 @@ from PIL import Image
 
 from dit_jax.data import Batches, make_source
 from dit_jax.data.folder import ImageFolderSource, load_class_mapping, save_class_mapping, scan_folder
-from dit_jax.data.pipeline import Loader, default_host_rows
+from dit_jax.data.pipeline import Loader
+from dit_jax.sharding import default_host_rows
 from dit_jax.data.transforms import center_crop_arr, hflip, normalize, preprocess
 from imagedata import draw_image, make_image_folder
 

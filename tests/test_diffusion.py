@@ -11,6 +11,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dit_jax import diffusion as D
+from dit_jax import editing
 
 T = 1000
 BASE_BETAS = np.linspace(1e-4, 0.02, T, dtype=np.float64)
@@ -556,7 +557,7 @@ def test_inpainting_keeps_known_region_and_samples_the_rest(sampler, spec):
                         jnp.float32)  # far from the data: a leak would show
     mask = jnp.zeros((1, 2, 2, 1), bool).at[:, 0].set(True)
     x_T = jax.random.normal(jax.random.key(6), known.shape)
-    run = jax.jit(lambda k, m, x, key: D.inpaint(d, gaussian_oracle(d), k, m, x, key,
+    run = jax.jit(lambda k, m, x, key: editing.inpaint(d, gaussian_oracle(d), k, m, x, key,
                                                  sampler=sampler, return_pred_x0=True))
     out = run(known, mask, x_T, jax.random.key(7))
     x = np.asarray(out["sample"])
@@ -577,9 +578,9 @@ def test_img2img(sampler, spec):
     d = diffusion(spec)
     x0 = jnp.asarray(np.random.default_rng(6).standard_normal((512, 2, 2, 4)) * SD + MU,
                      jnp.float32)
-    same = D.img2img(d, gaussian_oracle(d), x0, jax.random.key(0), strength=0.0, sampler=sampler)
+    same = editing.img2img(d, gaussian_oracle(d), x0, jax.random.key(0), strength=0.0, sampler=sampler)
     np.testing.assert_array_equal(same, x0)
-    run = jax.jit(lambda x, key: D.img2img(d, gaussian_oracle(d), x, key, strength=0.4,
+    run = jax.jit(lambda x, key: editing.img2img(d, gaussian_oracle(d), x, key, strength=0.4,
                                            sampler=sampler, return_pred_x0=True))
     out = run(x0, jax.random.key(1))
     n_steps = round(0.4 * d.num_timesteps)

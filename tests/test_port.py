@@ -242,7 +242,7 @@ def test_load_any_diffusers_folder(tmp_path):
 
 
 def test_load_any_train_workdir(tmp_path):
-    from dit_jax.train.checkpoint import Checkpoints
+    from dit_jax.checkpoint import Checkpoints
     from dit_jax.train.state import TrainState
 
     raw, ema = _small(seed=4), _small(seed=5)

@@ -183,3 +183,34 @@ def test_bad_inputs(tmp_path, dit_dir):
         _run_cli([f"--out={tmp_path}"])
     with pytest.raises(flags.IllegalFlagValueError):
         _run_cli([f"--ckpt={dit_dir}", "--sampler=euler"])
+
+
+def test_cli_takes_a_train_workdirs_own_settings(tmp_path, monkeypatch):
+    # A pixel-space train.py run (no VAE, clipped x̂0 as in configs/demo.py) samples with
+    # `--ckpt=W --labels=...` alone: no VAE download, its own image size and process.
+    from configs import demo
+    from dit_jax.train import train
+
+    config = demo.get_config()
+    config.total_steps, config.global_batch_size, config.checkpoint_every = 1, 8, 1
+    config.sample_every, config.log_every = 0, 1
+    config.model.hidden_size, config.model.depth, config.model.num_heads = 32, 1, 2
+    config.data.image_size, config.diffusion.diffusion_steps = 16, 500
+    workdir = tmp_path / "run"
+    train(config, workdir)
+
+    monkeypatch.chdir(tmp_path)
+    _run_cli([f"--ckpt={workdir}", "--labels=0,1"])
+    grid = np.asarray(Image.open(tmp_path / "samples" / "grid.png"))
+    assert grid.dtype == np.uint8 and grid.shape == (2 + 18, 2 + 2 * 18, 3)  # 16 px + padding
+    assert len(np.unique(grid)) > 8  # drawn, not blank
+    request = sample_script.request_from_flags()
+    assert (request.vae, request.image_size, request.clip_denoised, request.diffusion_steps) == (
+        "none", 16, True, 500)
+
+    # Flags given explicitly win over the workdir's settings.
+    flags.FLAGS.unparse_flags()
+    sample_script.parse_flags(["sample.py", f"--ckpt={workdir}", "--clip-denoised=false",
+                               "--diffusion-steps=1000"])
+    request = sample_script.request_from_flags()
+    assert (request.vae, request.clip_denoised, request.diffusion_steps) == ("none", False, 1000)

@@ -22,17 +22,17 @@ import pytest
 from flax import nnx
 
 from configs import demo
+from dit_jax.checkpoint import Checkpoints
 from dit_jax.data import BuiltinShapes, classify_image
 from dit_jax.diffusion import create_diffusion
-from dit_jax.models.dit import DiTConfig
-from dit_jax.sharding import batch_sharding, make_mesh, state_shardings
+from dit_jax.models.dit import DiTConfig, split_model
+from dit_jax.sharding import (batch_sharding, host_batch_rows, make_mesh, model_buffers,
+                              state_shardings)
 from dit_jax.train import NonFiniteLossError, initialize_distributed, restore_model, train
-from dit_jax.train.checkpoint import Checkpoints
 from dit_jax.train.logging import read_log
-from dit_jax.train.loop import _initial_params, host_batch_rows
+from dit_jax.train.loop import _initial_params
 from dit_jax.train.state import (TrainState, abstract_train_state, create_train_state,
-                                 make_optimizer, make_schedule, model_buffers, model_config_from,
-                                 split_model, train_state_shardings)
+                                 make_optimizer, make_schedule, model_config_from)
 from dit_jax.train.step import StepConfig, jit_train_step, make_train_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +84,7 @@ def run_steps(initial, mesh_shape, *, accum_steps=1, steps=2):
     batch = BuiltinShapes(image_size=16).get_batch(np.arange(16))
     with jax.set_mesh(mesh):
         graphdef, _, _ = split_model(TINY)
-        shardings = train_state_shardings(abstract_train_state(TINY, tx), mesh)
+        shardings = state_shardings(abstract_train_state(TINY, tx), mesh)
         state = jax.device_put(initial, shardings)
         buffers = model_buffers(TINY, mesh)
         step = jit_train_step(
@@ -152,7 +152,7 @@ def test_images_encoded_in_the_step_accumulate_like_one_batch():
     with jax.set_mesh(mesh):
         graphdef, _, _ = split_model(cfg)
         vae_graphdef, vae_weights = nnx.split(vae)
-        shardings = train_state_shardings(abstract_train_state(cfg, tx), mesh)
+        shardings = state_shardings(abstract_train_state(cfg, tx), mesh)
         buffers = (model_buffers(cfg, mesh), vae_weights)
         for k in (1, 2):
             state = create_train_state(cfg, tx, mesh, seed=3)
@@ -176,14 +176,14 @@ def test_checkpoint_saved_on_one_mesh_restores_on_another(single_device, tmp_pat
     mesh_a = make_mesh(8, 1, 1)
     with jax.set_mesh(mesh_a):
         checkpoints = Checkpoints(tmp_path, async_save=False)
-        checkpoints.save(jax.device_put(state, train_state_shardings(abstract, mesh_a)),
+        checkpoints.save(jax.device_put(state, state_shardings(abstract, mesh_a)),
                          data_state={"next_batch": 2}, model_config=TINY)
         checkpoints.close()
 
     mesh_b = make_mesh(2, 4, 1)
     with jax.set_mesh(mesh_b):
         checkpoints = Checkpoints(tmp_path)
-        restored, data_state = checkpoints.restore(abstract, train_state_shardings(abstract, mesh_b))
+        restored, data_state = checkpoints.restore(abstract, state_shardings(abstract, mesh_b))
         checkpoints.close()
     assert data_state == {"next_batch": 2}
     for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):

@@ -34,12 +34,16 @@ import numpy as np
 
 from dit_jax.data.builtin import BuiltinShapes, classify_image
 from dit_jax.data.epochs import batches_per_epoch, stream_position
+from dit_jax.data.folder import ImageFolderSource, class_folders_for
+from dit_jax.data.latents import LatentSource
+from dit_jax.data.pipeline import Loader
 from dit_jax.data.synthetic import SyntheticLatents
 
 
 class Source(Protocol):
     num_classes: int
     element_shape: tuple[int, ...]
+    class_names: Sequence[str]  # one per class when the data names them, else empty
 
     def __len__(self) -> int: ...
 
@@ -55,8 +59,34 @@ def get_batch(source: Source, indices: Sequence[int]) -> dict[str, np.ndarray]:
             "y": np.asarray([r["y"] for r in records], np.int32)}
 
 
+class BatchIterator(Protocol):
+    """What the train loop reads: `Batches` and the grain `Loader` (`dit_jax.data.pipeline`).
+
+    next(it) is this host's rows of the next global batch; `next_batch` the index of that batch;
+    `get_state`/`set_state` its JSON state; `skipped` the unreadable examples skipped so far (None
+    for sources that cannot skip any) and `sync_skipped()` their total over all hosts (a
+    collective); `close()` stops any worker processes."""
+
+    next_batch: int
+
+    def __next__(self) -> dict[str, np.ndarray]: ...
+
+    def get_state(self) -> dict[str, Any]: ...
+
+    def set_state(self, state: dict[str, Any]) -> None: ...
+
+    @property
+    def skipped(self) -> int | None: ...
+
+    def sync_skipped(self) -> int | None: ...
+
+    def close(self) -> None: ...
+
+
 class Batches:
     """This host's rows [lo, hi) of every global batch of `source`, shuffled by `seed`."""
+
+    skipped = None  # generated data: nothing is ever unreadable
 
     def __init__(self, source: Source, *, global_batch_size: int, seed: int,
                  host_rows: tuple[int, int] | None = None):
@@ -109,6 +139,12 @@ class Batches:
                                  f"{getattr(self, key)}")
         self.next_batch = int(state["next_batch"])
 
+    def sync_skipped(self) -> None:
+        return None
+
+    def close(self) -> None:
+        pass
+
 
 def make_source(data_config, *, model_input: tuple[int, int, int] | None = None,
                 num_classes: int | None = None) -> Source:
@@ -125,18 +161,18 @@ def make_source(data_config, *, model_input: tuple[int, int, int] | None = None,
     name = data_config.source
     if name == "builtin":
         return BuiltinShapes(image_size=data_config.image_size,
-                             size=data_config.get("num_examples", 0) or BuiltinShapes.DEFAULT_SIZE,
-                             seed=data_config.get("dataset_seed", 0))
+                             size=data_config.num_examples or BuiltinShapes.DEFAULT_SIZE,
+                             seed=data_config.dataset_seed)
     if name == "synthetic":
         if model_input is None:
             raise ValueError("the synthetic source needs the model's input shape")
         return SyntheticLatents(shape=model_input, num_classes=num_classes or 1000,
-                                size=data_config.get("num_examples", 0) or SyntheticLatents.DEFAULT_SIZE,
-                                seed=data_config.get("dataset_seed", 0))
-    if name in ("folder", "latents") and not data_config.get("path"):
+                                size=data_config.num_examples or SyntheticLatents.DEFAULT_SIZE,
+                                seed=data_config.dataset_seed)
+    if name in ("folder", "latents") and not data_config.path:
         raise ValueError(f"data.source={name!r} needs data.path (an image folder, or a folder "
                          f"written by `python -m dit_jax.extract_latents`)")
-    layout = data_config.get("layout", "auto")
+    layout = data_config.layout
     if layout != "auto" and name != "folder":
         # Latents keep the layout chosen when they were extracted (extract_latents --layout);
         # silently ignoring the setting would train with labels the user asked to drop.
@@ -144,27 +180,24 @@ def make_source(data_config, *, model_input: tuple[int, int, int] | None = None,
                          f"{name!r}" + (" (extract the latents with --layout instead)"
                                         if name == "latents" else ""))
     if name == "folder":
-        from dit_jax.data.folder import ImageFolderSource, class_folders_for
         return ImageFolderSource(data_config.path, data_config.image_size,
                                  class_folders=class_folders_for(layout))
     if name == "latents":
-        from dit_jax.data.latents import LatentSource
         return LatentSource(data_config.path, image_size=data_config.image_size)
     raise ValueError(f"unknown data source {name!r}; choose builtin, synthetic, folder or latents")
 
 
 def make_batches(source: Source, *, global_batch_size: int, seed: int,
-                 host_rows: tuple[int, int] | None = None, num_workers: int = 0):
+                 host_rows: tuple[int, int] | None = None, num_workers: int = 0) -> BatchIterator:
     """This host's batch iterator over `source`: the grain pipeline (`dit_jax.data.pipeline`:
     worker processes, prefetch) for the sources that read files, the in-process `Batches` for
     the generated ones. Both follow the same definitions (global shuffle by seed, host rows of
     every global batch) and the same JSON state."""
     if hasattr(source, "augment"):
-        from dit_jax.data.pipeline import Loader
         return Loader(source, global_batch_size=global_batch_size, seed=seed, host_rows=host_rows,
                       num_workers=num_workers)
     return Batches(source, global_batch_size=global_batch_size, seed=seed, host_rows=host_rows)
 
 
-__all__ = ["Batches", "BuiltinShapes", "Source", "SyntheticLatents", "classify_image",
+__all__ = ["BatchIterator", "Batches", "BuiltinShapes", "Source", "SyntheticLatents", "classify_image",
            "get_batch", "make_batches", "make_source"]

@@ -30,22 +30,11 @@ from typing import Any, Sequence
 
 import grain
 import numpy as np
+from absl import flags
 
 from dit_jax.data.epochs import batches_per_epoch, stream_position
-
-
-def default_host_rows(global_batch_size: int, process_index: int | None = None,
-                      process_count: int | None = None) -> tuple[int, int]:
-    """Rows [lo, hi) of the global batch that host `process_index` of `process_count` loads:
-    equal contiguous blocks in process order (the layout `jax.make_array_from_process_local_data`
-    expects for a batch split over all devices)."""
-    if process_index is None or process_count is None:
-        import jax
-        process_index, process_count = jax.process_index(), jax.process_count()
-    if global_batch_size % process_count:
-        raise ValueError(f"global batch {global_batch_size} is not divisible by {process_count} hosts")
-    per_host = global_batch_size // process_count
-    return process_index * per_host, (process_index + 1) * per_host
+from dit_jax.distributed import sum_over_hosts
+from dit_jax.sharding import default_host_rows
 
 
 class _HostRows(grain.MapDataset):
@@ -82,7 +71,6 @@ class _HostRows(grain.MapDataset):
 def ensure_absl_flags_parsed() -> None:
     # grain reads some settings through absl flags, which fail with UnparsedFlagAccessError in a
     # program that is not an absl app (pytest, a notebook, a plain script): use their defaults.
-    from absl import flags
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
 
@@ -172,12 +160,8 @@ class Loader:
         """The run's total of skipped examples over all hosts. With several processes this is a
         collective: call it on every host at the same point (the train loop does, before it logs
         or saves), after which `get_state` holds the same total on every host."""
-        import jax
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            counts = multihost_utils.process_allgather(np.asarray(self._skipped_local, np.int64))
-            self._skipped_base += int(np.sum(counts))
-            self._skipped_local = 0
+        self._skipped_base += sum_over_hosts(self._skipped_local)
+        self._skipped_local = 0
         return self.skipped
 
     def get_state(self) -> dict[str, Any]:
@@ -205,4 +189,4 @@ class Loader:
         self._iterator = None
 
 
-__all__ = ["Loader", "default_host_rows"]
+__all__ = ["Loader"]

@@ -11,6 +11,7 @@ class BatchSource(abc.ABC):
     """A source defined by `get_batch(indices)`; subclasses set `size`."""
 
     size: int
+    class_names: tuple[str, ...] = ()  # generated data: no folder names to record
 
     def __len__(self) -> int:
         return self.size

@@ -1,5 +1,6 @@
 """Diffusion for DiT: the official Gaussian diffusion (schedules, respacing, loss, DDPM/DDIM),
-DPM-Solver++(2M), classifier-free guidance and editing. Pure functions of arrays and a
+DPM-Solver++(2M) and classifier-free guidance (samplers by name: `dit_jax.samplers`; editing:
+`dit_jax.editing`). Pure functions of arrays and a
 `model_fn(x_t, t) -> out` (channels last; t the original timesteps); no Flax here."""
 
 from dit_jax.diffusion.dpm_solver import (
@@ -8,7 +9,6 @@ from dit_jax.diffusion.dpm_solver import (
     dpmpp_2m_solver,
     dpmpp_2m_step,
 )
-from dit_jax.diffusion.editing import SAMPLERS, img2img, inpaint, make_solver
 from dit_jax.diffusion.gaussian import (
     GaussianDiffusion,
     betas_for_alpha_bar,
@@ -35,15 +35,15 @@ from dit_jax.diffusion.gaussian import (
     training_losses,
 )
 from dit_jax.diffusion.guidance import classifier_free_guidance
-from dit_jax.diffusion.loop import Solver, jit_sampler
+from dit_jax.diffusion.solver import Solver, jit_sampler
 
 __all__ = [
-    "GaussianDiffusion", "SAMPLERS", "Solver", "betas_for_alpha_bar",
+    "GaussianDiffusion", "Solver", "betas_for_alpha_bar",
     "classifier_free_guidance", "create_diffusion", "ddim_sample", "ddim_sample_loop",
     "ddim_solver", "ddpm_solver", "discretized_gaussian_log_likelihood",
     "dpmpp_2m_coefficients", "dpmpp_2m_sample_loop", "dpmpp_2m_solver", "dpmpp_2m_step",
-    "get_named_beta_schedule", "img2img", "inpaint", "jit_sampler", "logsnr_timesteps",
-    "make_solver", "mean_flat", "normal_kl", "output_mean_variance", "p_mean_variance",
+    "get_named_beta_schedule", "jit_sampler", "logsnr_timesteps",
+    "mean_flat", "normal_kl", "output_mean_variance", "p_mean_variance",
     "p_sample", "p_sample_loop", "predict_eps_from_xstart", "predict_xstart_from_eps",
     "q_posterior_mean_variance", "q_sample", "respace_betas", "space_timesteps",
     "training_losses",

@@ -28,7 +28,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from dit_jax.diffusion import gaussian, loop
+from dit_jax.diffusion import gaussian, solver
 
 
 def dpmpp_2m_coefficients(diffusion: gaussian.GaussianDiffusion) -> dict[str, np.ndarray]:
@@ -69,7 +69,7 @@ def dpmpp_2m_step(diffusion: gaussian.GaussianDiffusion, model_fn, x, i, prev_x0
     return c["ratio"] * x + c["coef"] * d, x0
 
 
-def dpmpp_2m_solver(diffusion: gaussian.GaussianDiffusion, model_fn) -> loop.Solver:
+def dpmpp_2m_solver(diffusion: gaussian.GaussianDiffusion, model_fn) -> solver.Solver:
     coefficients = dpmpp_2m_coefficients(diffusion)
 
     def step(x, i, state, noise):
@@ -77,14 +77,14 @@ def dpmpp_2m_solver(diffusion: gaussian.GaussianDiffusion, model_fn) -> loop.Sol
         x_next, x0 = dpmpp_2m_step(diffusion, model_fn, x, i, prev_x0, has_prev, coefficients)
         return x_next, (x0, jnp.ones((), bool)), x0
 
-    return loop.Solver(init=lambda x: (jnp.zeros_like(x), jnp.zeros((), bool)), step=step,
-                       stochastic=False)
+    return solver.Solver(init=lambda x: (jnp.zeros_like(x), jnp.zeros((), bool)), step=step,
+                         stochastic=False)
 
 
 def dpmpp_2m_sample_loop(diffusion: gaussian.GaussianDiffusion, model_fn, x_T, key=None, *,
                          return_trajectory: bool = False, return_pred_x0: bool = False):
     """DPM-Solver++(2M) sampling from x_T through every step of `diffusion` (see the module
     docstring for the defaults). Deterministic; returns as `gaussian.p_sample_loop`."""
-    return loop.run(dpmpp_2m_solver(diffusion, model_fn), x_T, key,
-                    first_step=diffusion.num_timesteps - 1,
-                    return_trajectory=return_trajectory, return_pred_x0=return_pred_x0)
+    return solver.run(dpmpp_2m_solver(diffusion, model_fn), x_T, key,
+                      first_step=diffusion.num_timesteps - 1,
+                      return_trajectory=return_trajectory, return_pred_x0=return_pred_x0)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dit_jax.diffusion import loop
+from dit_jax.diffusion import solver
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -30,17 +30,11 @@ ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 def get_beta_schedule(beta_schedule: str, *, beta_start: float, beta_end: float,
                       num_diffusion_timesteps: int) -> np.ndarray:
-    """The raw `linear` / `quad` / `const` beta schedules of the official code (float64)."""
-    n = num_diffusion_timesteps
-    if beta_schedule == "linear":
-        betas = np.linspace(beta_start, beta_end, n, dtype=np.float64)
-    elif beta_schedule == "quad":
-        betas = np.linspace(beta_start ** 0.5, beta_end ** 0.5, n, dtype=np.float64) ** 2
-    elif beta_schedule == "const":
-        betas = beta_end * np.ones(n, dtype=np.float64)
-    else:
+    """The raw `linear` beta schedule of the official code (float64); the official file's
+    "quad" and "const" are not reachable from any named schedule and are left out."""
+    if beta_schedule != "linear":
         raise NotImplementedError(beta_schedule)
-    return betas
+    return np.linspace(beta_start, beta_end, num_diffusion_timesteps, dtype=np.float64)
 
 
 def betas_for_alpha_bar(num_diffusion_timesteps: int, alpha_bar: Callable[[float], float],
@@ -502,20 +496,20 @@ def ddim_sample(diffusion: GaussianDiffusion, model_fn: ModelFn, x, t, noise=Non
     return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
 
-def ddpm_solver(diffusion: GaussianDiffusion, model_fn: ModelFn) -> loop.Solver:
-    """DDPM ancestral sampling in the form `loop.run` drives."""
+def ddpm_solver(diffusion: GaussianDiffusion, model_fn: ModelFn) -> solver.Solver:
+    """DDPM ancestral sampling in the form `solver.run` drives."""
     def step(x, i, state, noise):
         out = p_sample(diffusion, model_fn, x, i, noise)
         return out["sample"], state, out["pred_xstart"]
-    return loop.Solver(init=lambda x: (), step=step, stochastic=True)
+    return solver.Solver(init=lambda x: (), step=step, stochastic=True)
 
 
-def ddim_solver(diffusion: GaussianDiffusion, model_fn: ModelFn, eta: float = 0.0) -> loop.Solver:
-    """DDIM sampling in the form `loop.run` drives (deterministic when eta == 0)."""
+def ddim_solver(diffusion: GaussianDiffusion, model_fn: ModelFn, eta: float = 0.0) -> solver.Solver:
+    """DDIM sampling in the form `solver.run` drives (deterministic when eta == 0)."""
     def step(x, i, state, noise):
         out = ddim_sample(diffusion, model_fn, x, i, noise, eta=eta)
         return out["sample"], state, out["pred_xstart"]
-    return loop.Solver(init=lambda x: (), step=step, stochastic=eta != 0.0)
+    return solver.Solver(init=lambda x: (), step=step, stochastic=eta != 0.0)
 
 
 def p_sample_loop(diffusion: GaussianDiffusion, model_fn: ModelFn, x_T: jax.Array, key, *,
@@ -523,13 +517,13 @@ def p_sample_loop(diffusion: GaussianDiffusion, model_fn: ModelFn, x_T: jax.Arra
     """DDPM ancestral sampling through every step of `diffusion` (250 for the paper's FID),
     starting from x_T, with the noise of step i drawn from fold_in(key, i).
 
-    One `lax.scan` (no host round trip per step); jit it, or use `loop.jit_sampler`, to compile
+    One `lax.scan` (no host round trip per step); jit it, or use `solver.jit_sampler`, to compile
     once per shape. Returns the sample, or with either flag a dict {"sample", "trajectory"
     (x after each step, (steps, *x.shape)), "pred_x0" (x̂0 of each step)}.
     """
-    return loop.run(ddpm_solver(diffusion, model_fn), x_T, key,
-                    first_step=diffusion.num_timesteps - 1,
-                    return_trajectory=return_trajectory, return_pred_x0=return_pred_x0)
+    return solver.run(ddpm_solver(diffusion, model_fn), x_T, key,
+                      first_step=diffusion.num_timesteps - 1,
+                      return_trajectory=return_trajectory, return_pred_x0=return_pred_x0)
 
 
 def ddim_sample_loop(diffusion: GaussianDiffusion, model_fn: ModelFn, x_T: jax.Array, key=None,
@@ -538,6 +532,6 @@ def ddim_sample_loop(diffusion: GaussianDiffusion, model_fn: ModelFn, x_T: jax.A
     """DDIM sampling through every step of `diffusion` (respace it, e.g. "ddim50" or "50", to
     sample in few steps). eta = 0 (default) is deterministic and needs no key. Returns as
     `p_sample_loop`."""
-    return loop.run(ddim_solver(diffusion, model_fn, eta), x_T, key,
-                    first_step=diffusion.num_timesteps - 1,
-                    return_trajectory=return_trajectory, return_pred_x0=return_pred_x0)
+    return solver.run(ddim_solver(diffusion, model_fn, eta), x_T, key,
+                      first_step=diffusion.num_timesteps - 1,
+                      return_trajectory=return_trajectory, return_pred_x0=return_pred_x0)

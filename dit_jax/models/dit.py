@@ -354,24 +354,25 @@ class DiT(nnx.Module):
     def embed(self, x, t, y, *, train: bool = False, rngs=None):
         """Token sequence (N, T, D) and conditioning vector c (N, D)."""
         cfg = self.config
-        x = self.x_embedder(x.astype(jnp.float32))
-        x = x.reshape(x.shape[0], -1, cfg.hidden_size) + self.pos_embed[...]
-        c = self.t_embedder(t)
+        x = self.x_embedder(x.astype(jnp.float32))  # (N, H/p, W/p, D)
+        x = x.reshape(x.shape[0], -1, cfg.hidden_size) + self.pos_embed[...]  # (N, T, D)
+        c = self.t_embedder(t)  # (N, D)
         if self.y_embedder is not None:
             key = None
             if train and rngs is not None:
                 key = rngs.dropout() if isinstance(rngs, nnx.Rngs) else rngs
-            c = c + self.y_embedder(y, train=train, key=key)
+            c = c + self.y_embedder(y, train=train, key=key)  # (N, D)
         return x, c
 
     def __call__(self, x, t, y=None, *, train: bool = False, rngs=None):
         cfg = self.config
         if self.y_embedder is not None and y is None:
             raise ValueError("this DiT is class-conditional (num_classes > 0): pass labels y")
-        tokens, c = self.embed(x, t, y, train=train, rngs=rngs)
-        tokens = self.run_blocks(tokens, c)
-        out = self.final_layer(tokens, c)
-        return unpatchify(out, cfg.grid_size, cfg.patch_size)
+        # x: (N, H, W, C) latents or images; t: (N,); y: (N,)
+        tokens, c = self.embed(x, t, y, train=train, rngs=rngs)  # (N, T, D), (N, D); T = H·W / p²
+        tokens = self.run_blocks(tokens, c)  # (N, T, D)
+        out = self.final_layer(tokens, c)  # (N, T, p·p·out_channels)
+        return unpatchify(out, cfg.grid_size, cfg.patch_size)  # (N, H, W, out_channels)
 
     def run_blocks(self, x, c):
         cfg = self.config
@@ -454,3 +455,18 @@ def convert_blocks(model: DiT, *, scan_blocks: bool) -> DiT:
     nnx.replace_by_pure_dict(state, values)
     nnx.update(target, state)
     return target
+
+
+def split_model(cfg: DiTConfig):
+    """(graphdef, abstract params, abstract buffers) of a DiT without allocating its weights."""
+    # jax.eval_shape rather than nnx.eval_shape: the latter turns logical axis names into mesh
+    # axes when a mesh is set, which they are not (the rules in dit_jax.sharding map them).
+    graphdefs = []
+
+    def build():
+        graphdef, params, buffers = nnx.split(DiT(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+        graphdefs.append(graphdef)
+        return params, buffers
+
+    params, buffers = jax.eval_shape(build)
+    return graphdefs[0], params, buffers

@@ -101,10 +101,6 @@ class VAEConfig:
             log.warning("ignoring AutoencoderKL config keys %s", sorted(unknown))
         return cls(**kwargs)
 
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["block_out_channels"] = list(self.block_out_channels)
-        return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """PyTorch ↔ JAX weight ports: DiT (official checkpoints, train.py dicts, diffusers) and the VAE."""
 
-from dit_jax.port.dit import (from_diffusers, from_torch, load_any, read_state_dict, save_diffusers,
+from dit_jax.port.dit import (from_diffusers, from_torch, load_any, read_checkpoint, save_diffusers,
                               save_torch, to_diffusers, to_torch)
 from dit_jax.port.vae import load_vae, vae_from_torch_state_dict
 
-__all__ = ["from_diffusers", "from_torch", "load_any", "read_state_dict", "save_diffusers",
+__all__ = ["from_diffusers", "from_torch", "load_any", "read_checkpoint", "save_diffusers",
            "save_torch", "to_diffusers", "to_torch", "load_vae", "vae_from_torch_state_dict"]

@@ -56,7 +56,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dit_jax.checkpoint import RUNTIME_FIELDS, is_model_checkpoint, load_model, with_config
+from dit_jax.checkpoint import (RUNTIME_FIELDS, is_model_checkpoint, is_train_workdir, load_model,
+                                restore_model, with_config)
 from dit_jax.models.dit import (DIT_CONFIGS, NUMERICS, DiT, DiTConfig, convert_blocks,
                                  sincos_2d)
 from dit_jax.port.keys import check_keys
@@ -355,14 +356,10 @@ def _read_torch_file(path: Path) -> Mapping[str, Any]:
                              f"weights_only=True): {e}") from e
 
 
-def read_state_dict(src, *, which: str = "ema") -> dict[str, np.ndarray]:
-    """A flat {key: float32 array} from a file or a loaded object: a state_dict, or a train.py
-    checkpoint dict from which entry `which` ("ema" or "model") is taken."""
-    return read_checkpoint(src, which=which)[0]
-
-
 def read_checkpoint(src, *, which: str = "ema") -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """`read_state_dict` and the train.py "args" as a dict ({} for a plain state_dict)."""
+    """(a flat {key: float32 array}, the train.py "args" as a dict) from a file or a loaded
+    object: a state_dict ({} args), or a train.py checkpoint dict from which entry `which` ("ema"
+    or "model") is taken."""
     import torch
 
     if which not in TRAIN_DICT_ENTRIES:
@@ -643,7 +640,7 @@ def _read_diffusers_weights(folder: Path) -> dict[str, np.ndarray]:
             files = sorted(set(weight_map.values()))
             return {k: _numpy(v) for f in files for k, v in reader(folder / f).items()}
     if (folder / f"{stem}.bin").is_file():
-        return read_state_dict(folder / f"{stem}.bin")
+        return read_checkpoint(folder / f"{stem}.bin")[0]
     raise _missing(folder / f"{stem}.safetensors")
 
 
@@ -709,12 +706,6 @@ def looks_like_hub_id(spec: str) -> bool:
             and not spec.startswith(".") and not spec.endswith(TORCH_SUFFIXES))
 
 
-def _is_train_workdir(path: Path) -> bool:
-    from dit_jax.train.checkpoint import CHECKPOINT_DIR
-
-    return (path / CHECKPOINT_DIR).is_dir()
-
-
 def load_any(spec, *, name: str | None = None, image_size: int | tuple[int, int] | None = None,
              which: str = "ema", **overrides) -> DiT:
     """A DiT from whatever `spec` names: a .pt/.pth/.safetensors file (official layout or train.py
@@ -731,9 +722,7 @@ def load_any(spec, *, name: str | None = None, image_size: int | tuple[int, int]
         return from_torch(path, name=name, image_size=image_size, which=which, **overrides)
     if path.is_dir():
         # A workdir also holds model_config.json and config.json: it is recognised first.
-        if _is_train_workdir(path):
-            from dit_jax.train.checkpoint import restore_model
-
+        if is_train_workdir(path):
             weights = {"ema": "ema", "model": "params"}[which]  # the workdir's name for "model"
             return _finish(restore_model(path, which=weights), name=name, image_size=image_size,
                            **overrides)

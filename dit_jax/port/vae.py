@@ -205,11 +205,17 @@ def _download(repo_id: str, subfolder: str | None) -> Path:
     return root / subfolder if subfolder else root
 
 
+# Short names of the two VAEs the DiT paper used (sample.py --vae, train.py's config.vae, ...).
+VAE_SHORTHANDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
+
+
 def load_vae(path_or_hub_id: str | os.PathLike, *, dtype=jnp.float32, precision=None,
              subfolder: str | None = None) -> AutoencoderKL:
     """The NNX AutoencoderKL from a diffusers VAE folder (config.json +
     diffusion_pytorch_model.safetensors or .bin) or a hub id (downloaded through huggingface_hub,
-    e.g. 'stabilityai/sd-vae-ft-ema'). `dtype` is the compute dtype; parameters stay float32."""
+    e.g. 'stabilityai/sd-vae-ft-ema', or "ema"/"mse" for the paper's two). `dtype` is the compute
+    dtype; parameters stay float32."""
+    path_or_hub_id = VAE_SHORTHANDS.get(str(path_or_hub_id), path_or_hub_id)
     folder = _resolve_folder(path_or_hub_id, subfolder)
     config_file = folder / "config.json"
     if not config_file.is_file():

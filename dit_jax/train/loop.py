@@ -2,7 +2,7 @@
 
 Read top to bottom, a run:
 1. builds the data source and the model config from the training config;
-2. builds the mesh over every device of every host (axes data, fsdp, tensor; SPEC §5);
+2. builds the mesh over every device of every host (axes data, fsdp, tensor; dit_jax.sharding);
 3. restores the newest readable checkpoint of the workdir, or creates a fresh state (random or
    `init_from` weights) directly in its sharded layout;
 4. compiles the train step once for the state's and the batch's shardings;
@@ -30,23 +30,26 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from dit_jax.data import make_batches, make_source
+from dit_jax.checkpoint import Checkpoints, write_run_config
+from dit_jax.data import BatchIterator, Source, make_batches, make_source
 from dit_jax.data.folder import save_class_mapping
 from dit_jax.diffusion import create_diffusion
+from dit_jax.distributed import initialize_distributed
 from dit_jax.flops import train_flops_per_image
-from dit_jax.models.dit import DiTConfig, convert_blocks
-from dit_jax.sharding import batch_sharding, make_mesh, state_shardings
-from dit_jax.train.checkpoint import Checkpoints, write_run_config
+from dit_jax.models.dit import DiTConfig, convert_blocks, split_model
+from dit_jax.models.vae import AutoencoderKL, encode_to_latents
+from dit_jax.port import load_any
+from dit_jax.port.vae import load_vae
+from dit_jax.sampling import ChunkSampler, Decoder, load_vae_decoder, make_grid, save_png
+from dit_jax.sharding import host_batch_rows, make_mesh, model_buffers, shard_batch, state_shardings
 from dit_jax.train.logging import MetricWriter, Progress, Throughput
-from dit_jax.train.state import (abstract_train_state, create_train_state,
-                                 make_optimizer, model_buffers, model_config_from, split_model,
-                                 train_state_shardings)
-from dit_jax.train.step import StepConfig, jit_train_step, make_train_step
+from dit_jax.train.state import (abstract_train_state, create_train_state, make_optimizer,
+                                 model_config_from)
+from dit_jax.train.step import StepConfig, lower_train_step
 
 log = logging.getLogger(__name__)
 
@@ -65,45 +68,11 @@ def train(config, workdir: str | os.PathLike) -> dict[str, Any]:
     config = config.copy_and_resolve_references()  # resolved below; the caller's stays as given
 
     # 1. Data and model.
-    pixel_space = config.vae == "none"
-    side = config.data.image_size if pixel_space else config.data.image_size // 8
-    channels = 3 if pixel_space else 4
-    if config.data.source == "builtin" and not pixel_space:
-        raise ValueError("the builtin data is pixel-space: set --config.vae=none")
-    if config.data.source == "latents" and pixel_space:
-        raise ValueError("data.source=latents holds VAE latents: set --config.vae to the VAE they "
-                         "were extracted with (their manifest.json names it)")
-    # An image folder with a VAE: the images are encoded inside the train step.
-    vae = None
-    if config.data.source == "folder" and not pixel_space:
-        vae = load_training_vae(config.vae)
-        side, channels = config.data.image_size // vae.scale_factor, vae.latent_channels
-    source = make_source(config.data, model_input=(side, side, channels),
-                         num_classes=config.model.num_classes if config.model.num_classes >= 0 else 1000)
-    expected = (side, side, channels) if vae is None else (config.data.image_size,) * 2 + (3,)
-    if tuple(source.element_shape) != expected:
-        raise ValueError(f"the data source yields {source.element_shape}, the model expects "
-                         f"{expected}")
-    if config.data.source == "latents" and source.manifest["vae"] != config.vae:
-        log.warning("the latents were extracted with VAE %r, this run decodes samples with %r",
-                    source.manifest["vae"], config.vae)
-    num_classes = config.model.num_classes if config.model.num_classes >= 0 else source.num_classes
-    if 0 < num_classes < source.num_classes:
-        raise ValueError(f"model.num_classes={num_classes}, but the data has {source.num_classes} "
-                         f"classes (set -1 to follow the data)")
-    if num_classes != source.num_classes:
-        # Allowed (fine-tuning official 1000-class weights on fewer classes), but worth a look.
-        consequence = (
-            "the model is unconditional and ignores the labels" if num_classes == 0 else
-            "every label is 0" if source.num_classes == 0 else
-            f"labels {source.num_classes}..{num_classes - 1} are never trained")
-        log.warning("model.num_classes=%d but the data has %d classes: %s", num_classes,
-                    source.num_classes, consequence)
-    if getattr(source, "class_names", None) and jax.process_index() == 0:
+    vae = training_vae(config)
+    source = training_source(config, vae)
+    if source.class_names and jax.process_index() == 0:
         save_class_mapping(workdir, source.class_names)
-    config.model.num_classes = num_classes
-    model_cfg = model_config_from(config, num_classes=num_classes, in_channels=channels,
-                                  input_size=side)
+    model_cfg = run_model_config(config, source, vae)
 
     # 2. Mesh.
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
@@ -112,8 +81,8 @@ def train(config, workdir: str | os.PathLike) -> dict[str, Any]:
         return _run(config, workdir, source, model_cfg, mesh, vae)
 
 
-def _run(config, workdir: Path, source, model_cfg: DiTConfig, mesh: Mesh, vae=None
-         ) -> dict[str, Any]:
+def _run(config, workdir: Path, source: Source, model_cfg: DiTConfig, mesh: Mesh,
+         vae: AutoencoderKL | None = None) -> dict[str, Any]:
     host0 = jax.process_index() == 0
     total_steps = int(config.total_steps)
     global_batch = int(config.global_batch_size)
@@ -126,10 +95,10 @@ def _run(config, workdir: Path, source, model_cfg: DiTConfig, mesh: Mesh, vae=No
                                  diffusion_steps=int(config.diffusion.diffusion_steps))
     graphdef, _, _ = split_model(model_cfg)
     abstract = abstract_train_state(model_cfg, tx)
-    shardings = train_state_shardings(abstract, mesh)
+    shardings = state_shardings(abstract, mesh)
     buffers = model_buffers(model_cfg, mesh)
     checkpoints = Checkpoints(workdir, keep=config.keep_checkpoints, keep_every=config.keep_every,
-                              async_save=config.get("async_checkpointing", True))
+                              async_save=config.async_checkpointing)
     restored = checkpoints.restore(abstract, shardings)
     if restored is not None:
         state, data_state = restored
@@ -144,8 +113,9 @@ def _run(config, workdir: Path, source, model_cfg: DiTConfig, mesh: Mesh, vae=No
     log.info("process %d of %d: %d of %d devices, mesh %s; loads rows [%d, %d) of each batch",
              jax.process_index(), jax.process_count(), jax.local_device_count(), mesh.size,
              dict(mesh.shape), *rows)
-    batches = make_batches(source, global_batch_size=global_batch, seed=int(config.seed),
-                           host_rows=rows, num_workers=int(config.data.get("num_workers", 0)))
+    batches: BatchIterator = make_batches(source, global_batch_size=global_batch,
+                                          seed=int(config.seed), host_rows=rows,
+                                          num_workers=int(config.data.num_workers))
     if data_state is not None:
         batches.set_state(data_state)
     if batches.next_batch != start:
@@ -159,16 +129,11 @@ def _run(config, workdir: Path, source, model_cfg: DiTConfig, mesh: Mesh, vae=No
         vae_graphdef, vae_weights = nnx.split(vae)
         step_buffers = (buffers, jax.device_put(vae_weights, state_shardings(vae_weights, mesh)))
         encoder = _latent_encoder(vae_graphdef)
-    train_step = jit_train_step(
-        make_train_step(graphdef, diffusion, tx, schedule, step_config, mesh, encoder=encoder),
-        shardings, state_shardings(step_buffers, mesh), mesh,
-        batch_ndim=1 + len(source.element_shape))
-    batch_shape = {"x": (global_batch,) + tuple(source.element_shape), "y": (global_batch,)}
-    train_step = train_step.lower(
-        shardings_to_abstract(abstract, shardings), step_buffers,
-        {k: jax.ShapeDtypeStruct(s, jnp.float32 if k == "x" else jnp.int32,
-                                 sharding=batch_sharding(mesh, len(s)))
-         for k, s in batch_shape.items()}).compile()
+    lowered, _, _ = lower_train_step(
+        graphdef, diffusion, tx, schedule, step_config, mesh, abstract_state=abstract,
+        buffers=step_buffers, element_shape=tuple(source.element_shape),
+        global_batch=global_batch, encoder=encoder)
+    train_step = lowered.compile()
     grids = (SampleGrids(graphdef, (abstract.ema, buffers), model_cfg, config, mesh, workdir,
                          vae=vae)
              if config.sample_every and config.sample_every > 0 else None)
@@ -179,18 +144,18 @@ def _run(config, workdir: Path, source, model_cfg: DiTConfig, mesh: Mesh, vae=No
     throughput = Throughput(global_batch_size=global_batch,
                             flops_per_image=train_flops_per_image(model_cfg),
                             num_devices=mesh.size,
-                            peak_tflops_override=float(config.get("peak_tflops", 0.0)),
+                            peak_tflops_override=float(config.peak_tflops),
                             dtype=model_cfg.dtype)
     preemption = Preemption(checkpoints)
     pending: list[tuple[int, dict]] = []  # metrics on device, not yet fetched
     window: list[tuple[int, dict]] = []  # fetched, not yet logged
     last_logged: dict[str, Any] = {}
-    skipped = getattr(batches, "skipped", 0)  # unreadable images, as restored
+    skipped = batches.skipped  # unreadable images, as restored (None: data that cannot skip)
     status = "completed"
     step = start
     try:
         while step < total_steps:
-            batch = assemble_batch(next(batches), mesh, global_batch)
+            batch = shard_batch(next(batches), mesh, global_batch)
             state, metrics = train_step(state, step_buffers, batch)
             step += 1
             pending.append((step, metrics))
@@ -211,7 +176,7 @@ def _run(config, workdir: Path, source, model_cfg: DiTConfig, mesh: Mesh, vae=No
                 skipped = report_skipped(batches, skipped)
             if log_now:
                 last_logged = summarize(window, throughput.measure(step))
-                if hasattr(batches, "sync_skipped"):
+                if skipped is not None:
                     last_logged["skipped"] = skipped
                 writer.write(step, last_logged)
                 progress.show(last_logged)
@@ -233,8 +198,7 @@ def _run(config, workdir: Path, source, model_cfg: DiTConfig, mesh: Mesh, vae=No
         # Only good states were ever handed to the checkpointer: let the saves in flight finish.
         checkpoints.wait()
         checkpoints.close()
-        if hasattr(batches, "close"):
-            batches.close()
+        batches.close()
         preemption.close()
         progress.close()
         writer.close()
@@ -242,23 +206,79 @@ def _run(config, workdir: Path, source, model_cfg: DiTConfig, mesh: Mesh, vae=No
 
 
 # --------------------------------------------------------------------------------------------
+# Resolving the run: VAE, data source, model config
+
+
+def training_vae(config) -> AutoencoderKL | None:
+    """The VAE that encodes images inside the train step (float32, as released): only for an
+    image folder trained in latent space; None otherwise (pixel space, or extracted latents)."""
+    if config.data.source == "builtin" and config.vae != "none":
+        raise ValueError("the builtin data is pixel-space: set --config.vae=none")
+    if config.data.source == "latents" and config.vae == "none":
+        raise ValueError("data.source=latents holds VAE latents: set --config.vae to the VAE they "
+                         "were extracted with (their manifest.json names it)")
+    if config.data.source == "folder" and config.vae != "none":
+        return load_vae(config.vae)
+    return None
+
+
+def model_input_shape(config, vae: AutoencoderKL | None) -> tuple[int, int, int]:
+    """(side, side, channels) of what the DiT sees."""
+    if config.vae == "none":
+        return (config.data.image_size, config.data.image_size, 3)
+    if vae is not None:
+        side = config.data.image_size // vae.scale_factor
+        return (side, side, vae.latent_channels)
+    return (config.data.image_size // 8, config.data.image_size // 8, 4)
+
+
+def training_source(config, vae: AutoencoderKL | None) -> Source:
+    """The data source of the run, checked against the model input (images when `vae` encodes
+    them inside the step)."""
+    model_input = model_input_shape(config, vae)
+    source = make_source(config.data, model_input=model_input,
+                         num_classes=config.model.num_classes if config.model.num_classes >= 0 else 1000)
+    expected = model_input if vae is None else (config.data.image_size,) * 2 + (3,)
+    if tuple(source.element_shape) != expected:
+        raise ValueError(f"the data source yields {source.element_shape}, the model expects "
+                         f"{expected}")
+    if config.data.source == "latents" and source.manifest["vae"] != config.vae:
+        log.warning("the latents were extracted with VAE %r, this run decodes samples with %r",
+                    source.manifest["vae"], config.vae)
+    return source
+
+
+def run_model_config(config, source: Source, vae: AutoencoderKL | None) -> DiTConfig:
+    """The DiTConfig of the run; `config.model.num_classes` is set to the resolved class count
+    (so that config.json records it)."""
+    num_classes = config.model.num_classes if config.model.num_classes >= 0 else source.num_classes
+    if 0 < num_classes < source.num_classes:
+        raise ValueError(f"model.num_classes={num_classes}, but the data has {source.num_classes} "
+                         f"classes (set -1 to follow the data)")
+    if num_classes != source.num_classes:
+        # Allowed (fine-tuning official 1000-class weights on fewer classes), but worth a look.
+        consequence = (
+            "the model is unconditional and ignores the labels" if num_classes == 0 else
+            "every label is 0" if source.num_classes == 0 else
+            f"labels {source.num_classes}..{num_classes - 1} are never trained")
+        log.warning("model.num_classes=%d but the data has %d classes: %s", num_classes,
+                    source.num_classes, consequence)
+    config.model.num_classes = num_classes
+    side, _, channels = model_input_shape(config, vae)
+    return model_config_from(config, num_classes=num_classes, in_channels=channels,
+                             input_size=side)
+
+
+# --------------------------------------------------------------------------------------------
 # Pieces of the loop
 
 
-def load_training_vae(spec: str):
-    """The VAE that encodes images inside the train step (float32, as released)."""
-    from dit_jax.port.vae import load_vae
-    from dit_jax.sampling import VAE_SHORTHANDS
-    return load_vae(VAE_SHORTHANDS.get(spec, spec))
-
-
-def report_skipped(batches, reported: int) -> int:
+def report_skipped(batches: BatchIterator, reported: int | None) -> int | None:
     """The unreadable images skipped so far on all hosts (a collective: every host calls it at
-    the same steps), with a warning when there are new ones since `reported`."""
-    if not hasattr(batches, "sync_skipped"):
-        return reported
+    the same steps), with a warning when there are new ones since `reported`; None for data
+    that cannot skip any."""
     total = batches.sync_skipped()
-    if total > reported:
+    if total is not None and total > reported:
         log.warning("%d unreadable image(s) skipped so far, each replaced by the next readable "
                     "one (the warnings above name the files)", total)
     return total
@@ -271,29 +291,6 @@ def _check_batch(config, mesh: Mesh) -> None:
         raise ValueError(
             f"global_batch_size {batch} must be divisible by data × fsdp = {shards} times "
             f"optim.accum_steps = {accum} (every microbatch is split over the batch devices)")
-
-
-def host_batch_rows(mesh: Mesh, global_batch: int) -> tuple[int, int]:
-    """The rows [lo, hi) of the global batch that this host's devices hold."""
-    index_map = batch_sharding(mesh, 1).addressable_devices_indices_map((global_batch,))
-    ranges = sorted({(s[0].start or 0, global_batch if s[0].stop is None else s[0].stop)
-                     for s in index_map.values()})
-    lo, hi = ranges[0][0], ranges[-1][1]
-    if sum(b - a for a, b in ranges) != hi - lo:
-        raise ValueError(f"this host's batch rows {ranges} are not contiguous for mesh {mesh.shape}")
-    return lo, hi
-
-
-def assemble_batch(local: dict[str, np.ndarray], mesh: Mesh, global_batch: int) -> dict[str, jax.Array]:
-    """One global array per field from every host's rows."""
-    return {key: jax.make_array_from_process_local_data(
-        batch_sharding(mesh, value.ndim), value, (global_batch,) + value.shape[1:])
-        for key, value in local.items()}
-
-
-def shardings_to_abstract(abstract, shardings):
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract, shardings)
 
 
 def fetch_and_check(pending: list[tuple[int, dict]], checkpoints: Checkpoints
@@ -358,11 +355,9 @@ class Preemption:
 def _initial_params(config, model_cfg: DiTConfig) -> nnx.State | None:
     """Weights to fine-tune from (`init_from`: anything `dit_jax.port.load_any` reads), checked
     against the model of this run; None to start from random weights."""
-    spec = config.get("init_from", "")
+    spec = config.init_from
     if not spec:
         return None
-    from dit_jax.port import load_any  # heavy (PyTorch readers); only fine-tuning needs it
-
     model = load_any(spec)
     if model.config.scan_blocks != model_cfg.scan_blocks:
         model = convert_blocks(model, scan_blocks=model_cfg.scan_blocks)
@@ -389,8 +384,6 @@ class SampleGrids:
 
     def __init__(self, graphdef, abstract_weights: tuple, model_cfg: DiTConfig, config,
                  mesh: Mesh, workdir: Path, vae=None):
-        from dit_jax.sampling import ChunkSampler, Decoder, load_vae_decoder
-
         s = config.sample
         n = int(s.num_images)
         self.labels = np.arange(n, dtype=np.int32) % max(model_cfg.num_classes, 1)
@@ -406,13 +399,11 @@ class SampleGrids:
             sampler=s.sampler, steps=int(s.steps), cfg_scale=cfg_scale,
             decoder=(None if config.vae == "none" else  # the training VAE when there is one
                      Decoder.of(vae) if vae is not None else load_vae_decoder(config.vae)),
-            clip_denoised=bool(s.get("clip_denoised", False)),
+            clip_denoised=bool(s.clip_denoised),
             noise_schedule=config.diffusion.noise_schedule,
             diffusion_steps=int(config.diffusion.diffusion_steps))
 
     def __call__(self, step: int, ema, buffers) -> Path | None:
-        from dit_jax.sampling import make_grid, save_png
-
         images = self.sampler(0, self.labels, (ema, buffers))
         if jax.process_index() != 0:
             return None
@@ -423,47 +414,13 @@ class SampleGrids:
         return path
 
 
-# --------------------------------------------------------------------------------------------
-# Several hosts
-
-
-def initialize_distributed(mode: str = "auto", *, coordinator_address: str | None = None,
-                           num_processes: int | None = None, process_id: int | None = None) -> bool:
-    """Call `jax.distributed.initialize` when this process is one of several.
-
-    mode "on": always (arguments left None are auto-detected by JAX: SLURM, Open MPI, Cloud TPU,
-    Kubernetes); "off": never; "auto": when arguments are given or the environment shows a
-    multi-process launch (JAX_COORDINATOR_ADDRESS, SLURM with more than one task, Open MPI with
-    more than one rank, a multi-worker TPU slice). Returns whether it initialised.
-    """
-    if mode not in ("auto", "on", "off"):
-        raise ValueError(f"distributed mode must be auto, on or off, got {mode!r}")
-    if mode == "off":
-        return False
-    env = os.environ
-    launched_as_many = (
-        coordinator_address is not None or (num_processes or 1) > 1
-        or "JAX_COORDINATOR_ADDRESS" in env
-        or int(env.get("SLURM_NTASKS", env.get("SLURM_STEP_NUM_TASKS", "1"))) > 1
-        or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-        or "," in env.get("TPU_WORKER_HOSTNAMES", "")
-        or "MEGASCALE_COORDINATOR_ADDRESS" in env)
-    if mode == "auto" and not launched_as_many:
-        return False
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id)
-    return True
-
-
-__all__ = ["NonFiniteLossError", "PREEMPTED_EXIT_CODE", "SampleGrids", "assemble_batch",
-           "host_batch_rows", "initialize_distributed", "train"]
-
-
 def _latent_encoder(vae_graphdef):
     """`encoder(vae_weights, images, noise) -> latents` for encoding inside the train step."""
-    from dit_jax.models.vae import encode_to_latents
-
     def encoder(weights, images, noise):
         return encode_to_latents(nnx.merge(vae_graphdef, weights), images, noise=noise)
 
     return encoder
+
+
+__all__ = ["NonFiniteLossError", "PREEMPTED_EXIT_CODE", "SampleGrids", "initialize_distributed",
+           "run_model_config", "train", "training_source", "training_vae"]

@@ -14,13 +14,12 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from dit_jax.models.dit import DIT_CONFIGS, DiT, DiTConfig
-from dit_jax.sharding import state_shardings
+from dit_jax.models.dit import DIT_CONFIGS, DiT, DiTConfig, split_model
+from dit_jax.sharding import place, state_shardings
 
 # Independent streams derived from the run seed (the data order uses the seed directly).
 _INIT_STREAM, _STEP_STREAM = 0, 1
@@ -54,7 +53,7 @@ def model_config_from(config, *, num_classes: int, in_channels: int, input_size:
             raise ValueError(f"unknown model {m.name!r}; choose one of {sorted(DIT_CONFIGS)}")
         fields.update(DIT_CONFIGS[m.name])
     for key in ("hidden_size", "depth", "num_heads", "patch_size"):
-        if m.get(key) is not None:
+        if m[key] is not None:
             fields[key] = int(m[key])
     missing = [k for k in ("hidden_size", "depth", "num_heads", "patch_size") if k not in fields]
     if missing:
@@ -68,41 +67,15 @@ def model_config_from(config, *, num_classes: int, in_channels: int, input_size:
         scan_blocks=bool(m.scan_blocks), **fields)
 
 
-def parse_remat(value: bool | str) -> bool | str:
-    """The config's `model.remat` ("none", "full" or a jax.checkpoint_policies name; booleans and
-    "true"/"false" from older configs too) as DiTConfig.remat."""
-    if isinstance(value, bool):
-        return value
+def parse_remat(value: str) -> bool | str:
+    """The config's `model.remat` ("none", "full" or a jax.checkpoint_policies name) as
+    DiTConfig.remat."""
     word = str(value).strip()
-    if word.lower() in ("none", "false", "0", ""):
+    if word == "none":
         return False
-    if word.lower() in ("full", "true", "1"):
+    if word == "full":
         return True
     return word  # DiTConfig checks that the policy exists
-
-
-def split_model(cfg: DiTConfig):
-    """(graphdef, abstract params, abstract buffers) without allocating the weights."""
-    # jax.eval_shape rather than nnx.eval_shape: the latter turns logical axis names into mesh
-    # axes when a mesh is set, which they are not (the rules in dit_jax.sharding map them).
-    graphdefs = []
-
-    def build():
-        graphdef, params, buffers = nnx.split(DiT(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
-        graphdefs.append(graphdef)
-        return params, buffers
-
-    params, buffers = jax.eval_shape(build)
-    return graphdefs[0], params, buffers
-
-
-def model_buffers(cfg: DiTConfig, mesh: Mesh) -> nnx.State:
-    """The model's non-trained variables, replicated on `mesh`. The construction is jitted and
-    returns only the buffers, so XLA drops the (unused) random initialisation of the weights."""
-    _, _, abstract = split_model(cfg)
-    shardings = state_shardings(abstract, mesh)
-    return jax.jit(lambda: nnx.split(DiT(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)[2],
-                   out_shardings=shardings)()
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,7 +94,7 @@ def make_schedule(optim, total_steps: int):
         base = optax.warmup_cosine_decay_schedule(
             init_value=0.0, peak_value=lr, warmup_steps=warmup,
             decay_steps=max(int(total_steps), warmup + 1),
-            end_value=lr * float(optim.get("final_lr_fraction", 0.0)))
+            end_value=lr * float(optim.final_lr_fraction))
     else:
         raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {optim.schedule!r}")
     if warmup == 0:
@@ -152,7 +125,7 @@ def make_optimizer(optim, total_steps: int):
     off, the decay mask is always there), so that a run can resume with clipping or the mask
     changed, which is what one does after a loss spike."""
     schedule = make_schedule(optim, total_steps)
-    mask_kind = optim.get("weight_decay_mask", "all")
+    mask_kind = optim.weight_decay_mask
     weight_decay_mask(nnx.State({"bias": 0.0}), mask_kind)  # a bad name fails here, not in jit
     adamw = optax.adamw(
         schedule, b1=float(optim.b1), b2=float(optim.b2), eps=float(optim.eps),
@@ -183,16 +156,12 @@ def _new_state(params, tx, key) -> TrainState:
                       rng=jax.random.key_data(key))
 
 
-def train_state_shardings(abstract_state: TrainState, mesh: Mesh) -> TrainState:
-    return state_shardings(abstract_state, mesh)
-
-
 def create_train_state(cfg: DiTConfig, tx: optax.GradientTransformation, mesh: Mesh, *,
                        seed: int, init_params: nnx.State | None = None) -> TrainState:
     """A fresh state, created directly in its sharded layout (no full copy on any one device).
     `init_params` (fine-tuning) replaces the random initial weights; the EMA starts as a copy of
     the initial weights either way."""
-    shardings = train_state_shardings(abstract_train_state(cfg, tx), mesh)
+    shardings = state_shardings(abstract_train_state(cfg, tx), mesh)
     root = jax.random.key(seed)
     step_key = jax.random.fold_in(root, _STEP_STREAM)
     if init_params is None:
@@ -203,11 +172,3 @@ def create_train_state(cfg: DiTConfig, tx: optax.GradientTransformation, mesh: M
     params = place(init_params, shardings.params)
     return jax.jit(lambda p: _new_state(p, tx, step_key), out_shardings=shardings)(params)
 
-
-def place(tree, shardings):
-    """Host (or device) values → global arrays with `shardings`; every host passes the same full
-    values and keeps only its shards (works across processes, unlike a plain device_put)."""
-    def put(value, sharding):
-        value = np.asarray(value)
-        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
-    return jax.tree.map(put, tree, shardings)

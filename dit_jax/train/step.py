@@ -16,10 +16,11 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from dit_jax.diffusion import training_losses
-from dit_jax.sharding import BATCH_AXES, batch_sharding
+from dit_jax.sharding import (abstract_with_shardings, batch_sharding, microbatch_sharding,
+                              replicated, state_shardings)
 from dit_jax.train.state import TrainState, ema_update
 
 
@@ -120,8 +121,7 @@ def _strided_split(a: jax.Array, k: int, mesh: Mesh) -> jax.Array:
     if n % k:
         raise ValueError(f"batch of {n} cannot be split into {k} microbatches")
     out = a.reshape((n // k, k) + a.shape[1:]).swapaxes(0, 1)
-    spec = P(None, BATCH_AXES, *([None] * (a.ndim - 1)))
-    return jax.lax.with_sharding_constraint(out, NamedSharding(mesh, spec))
+    return jax.lax.with_sharding_constraint(out, microbatch_sharding(mesh, out.ndim))
 
 
 def jit_train_step(train_step: Callable, state_shardings, buffer_shardings, mesh: Mesh,
@@ -131,5 +131,29 @@ def jit_train_step(train_step: Callable, state_shardings, buffer_shardings, mesh
     return jax.jit(
         train_step,
         in_shardings=(state_shardings, buffer_shardings, batch_shardings),
-        out_shardings=(state_shardings, NamedSharding(mesh, P())),
+        out_shardings=(state_shardings, replicated(mesh)),
         donate_argnums=(0,))
+
+
+def lower_train_step(graphdef, diffusion, tx: optax.GradientTransformation, schedule: Callable,
+                     step_config: StepConfig, mesh: Mesh, *, abstract_state, buffers,
+                     element_shape: tuple[int, ...], global_batch: int,
+                     encoder: Callable | None = None):
+    """The train step lowered for these shapes and shardings (`.compile()` it): the one builder of
+    the train loop and the benchmarks. `abstract_state` is the train state's shapes (its
+    shardings follow from the model's logical axes), `buffers` those of the fixed model variables
+    (with an encoder: the pair (model buffers, VAE weights)); they may be concrete arrays.
+    Returns (lowered step, state shardings, buffer shardings)."""
+    shardings = state_shardings(abstract_state, mesh)
+    buffer_shardings = state_shardings(buffers, mesh)
+    step = jit_train_step(
+        make_train_step(graphdef, diffusion, tx, schedule, step_config, mesh, encoder=encoder),
+        shardings, buffer_shardings, mesh, batch_ndim=1 + len(element_shape))
+    x_shape = (global_batch,) + tuple(element_shape)
+    batch = {"x": jax.ShapeDtypeStruct(x_shape, jnp.float32,
+                                       sharding=batch_sharding(mesh, len(x_shape))),
+             "y": jax.ShapeDtypeStruct((global_batch,), jnp.int32,
+                                       sharding=batch_sharding(mesh, 1))}
+    lowered = step.lower(abstract_with_shardings(abstract_state, shardings),
+                         abstract_with_shardings(buffers, buffer_shardings), batch)
+    return lowered, shardings, buffer_shardings

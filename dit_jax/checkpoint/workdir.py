@@ -1,5 +1,8 @@
-"""Training checkpoints in the workdir (orbax CheckpointManager, asynchronous), and reading a
-model back out of a workdir.
+"""Training checkpoints in a train.py workdir (orbax CheckpointManager, asynchronous), the run's
+config files, and reading a model back out of a workdir.
+
+    WORKDIR/config.json                    the resolved training config (`RUN_CONFIG_FILE`)
+    WORKDIR/model_config.json              the DiTConfig (`dit_jax.checkpoint.model.CONFIG_FILE`)
 
     WORKDIR/checkpoints/<step>/params      orbax pytree: float32 weights
                               /ema         orbax pytree: EMA weights (what samplers use)
@@ -30,23 +33,24 @@ import shutil
 import time
 from pathlib import Path
 
+from typing import Any
+
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from dit_jax.checkpoint import config_from_dict, config_to_dict
-from dit_jax.models.dit import DiT, DiTConfig
-from dit_jax.sharding import make_mesh, state_shardings
-from dit_jax.train.state import TrainState, model_buffers, split_model
+from dit_jax.checkpoint.model import CONFIG_FILE, config_from_dict, config_to_dict
+from dit_jax.distributed import on_every_host, wait_for_every_host
+from dit_jax.models.dit import DiT, DiTConfig, split_model
+from dit_jax.sharding import (abstract_with_shardings, make_mesh, model_buffers, place,
+                              state_shardings)
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 CORRUPT_DIR = "corrupt_checkpoints"
-MODEL_CONFIG_FILE = "model_config.json"  # the DiTConfig of the run (as dit_jax.checkpoint writes it)
 RUN_CONFIG_FILE = "config.json"  # the resolved training config
 
 
@@ -80,7 +84,7 @@ class Checkpoints:
         steps = self.all_steps()
         return steps[-1] if steps else None
 
-    def save(self, state: TrainState, *, data_state: dict, model_config: DiTConfig) -> int:
+    def save(self, state, *, data_state: dict, model_config: DiTConfig) -> int:
         step = int(jax.device_get(state.step))
         meta = {"step": step, "rng": np.asarray(jax.device_get(state.rng)).tolist(),
                 "model_config": config_to_dict(model_config), "time": time.time()}
@@ -92,8 +96,8 @@ class Checkpoints:
             data=ocp.args.JsonSave(data_state)), force=True)
         return step
 
-    def restore(self, abstract_state: TrainState, shardings: TrainState, *, step: int | None = None
-                ) -> tuple[TrainState, dict] | None:
+    def restore(self, abstract_state, shardings, *, step: int | None = None
+                ) -> tuple[Any, dict] | None:
         """(state, data iterator state) of `step` (default: the newest readable checkpoint, see
         the module docstring), laid out with `shardings`; None when there is no checkpoint."""
         steps = self.all_steps()
@@ -111,7 +115,7 @@ class Checkpoints:
             # the hosts would resume from different steps. Limit: a host that fails inside
             # orbax's restore, before orbax's own barrier, leaves the others waiting at that
             # barrier until its timeout; the agreement then follows their failure.
-            if not _on_every_host(error is None):
+            if not on_every_host(error is None):
                 error = error or RuntimeError("another host could not read its shards")
                 log.warning("checkpoint %d in %s cannot be restored (%s: %s); trying an older one",
                             candidate, self.directory, type(error).__name__, error)
@@ -127,8 +131,8 @@ class Checkpoints:
             f"none of the checkpoints in {self.directory} can be restored into this run (a changed "
             f"model or optimiser config also causes this). {details}")
 
-    def _restore_step(self, step: int, abstract_state: TrainState, shardings: TrainState):
-        target = _with_shardings(abstract_state, shardings)
+    def _restore_step(self, step: int, abstract_state, shardings):
+        target = abstract_with_shardings(abstract_state, shardings)
         out = self.manager.restore(step, args=ocp.args.Composite(
             params=_restore_args(target.params),
             ema=_restore_args(target.ema),
@@ -138,10 +142,10 @@ class Checkpoints:
         meta = out.meta
         if int(meta["step"]) != step:
             raise ValueError(f"checkpoint directory {step} holds step {meta['step']}")
-        state = TrainState(
-            step=_replicated(np.asarray(step, np.int32), shardings.step),
+        state = abstract_state.replace(
+            step=place(np.asarray(step, np.int32), shardings.step),
             params=out.params, ema=out.ema, opt_state=out.opt_state,
-            rng=_replicated(np.asarray(meta["rng"], np.uint32), shardings.rng))
+            rng=place(np.asarray(meta["rng"], np.uint32), shardings.rng))
         return state, dict(out.data)
 
     def _set_aside(self, steps: list[int]) -> None:
@@ -153,8 +157,7 @@ class Checkpoints:
                 dst = target / f"{step}-{int(time.time())}"
                 if src.exists():
                     shutil.move(str(src), str(dst))
-        if jax.process_count() > 1:
-            multihost_utils.sync_global_devices("dit_jax_set_aside_checkpoints")
+        wait_for_every_host("dit_jax_set_aside_checkpoints")
         self.manager.reload()
 
     def wait(self) -> None:
@@ -184,15 +187,6 @@ def _restore_args(target):
                                   restore_args=ocp.checkpoint_utils.construct_restore_args(target))
 
 
-def _with_shardings(abstract, shardings):
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract, shardings)
-
-
-def _replicated(value: np.ndarray, sharding) -> jax.Array:
-    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
-
-
 # --------------------------------------------------------------------------------------------
 # The run's config files
 
@@ -205,7 +199,23 @@ def write_run_config(workdir: str | Path, config, model_config: DiTConfig) -> No
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / RUN_CONFIG_FILE).write_text(config.to_json_best_effort(indent=2) + "\n")
-    (workdir / MODEL_CONFIG_FILE).write_text(json.dumps(config_to_dict(model_config), indent=2) + "\n")
+    (workdir / CONFIG_FILE).write_text(json.dumps(config_to_dict(model_config), indent=2) + "\n")
+
+
+def is_train_workdir(path: str | Path) -> bool:
+    return (Path(path) / CHECKPOINT_DIR).is_dir()
+
+
+def read_run_config(workdir: str | Path) -> dict[str, Any] | None:
+    """The resolved training config a workdir was run with (config.json), as a dict; None when
+    `workdir` is not a train.py workdir or has no config.json."""
+    path = Path(workdir) / RUN_CONFIG_FILE
+    if not is_train_workdir(workdir) or not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); restore it or delete it") from None
 
 
 def load_model_config(workdir: str | Path, step: int | None = None) -> DiTConfig:
@@ -216,9 +226,9 @@ def load_model_config(workdir: str | Path, step: int | None = None) -> DiTConfig
         meta = workdir / CHECKPOINT_DIR / str(step) / "meta" / "metadata"
         if meta.is_file():
             return config_from_dict(json.loads(meta.read_text())["model_config"])
-    path = workdir / MODEL_CONFIG_FILE
+    path = workdir / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{workdir} is not a training workdir (no {MODEL_CONFIG_FILE})")
+        raise FileNotFoundError(f"{workdir} is not a training workdir (no {CONFIG_FILE})")
     return config_from_dict(json.loads(path.read_text()))
 
 
@@ -249,7 +259,7 @@ def restore_model(workdir: str | Path, *, which: str = "ema", step: int | None =
             if mesh is None:
                 mesh = make_mesh(1, 1, 1, devices=jax.local_devices()[:1])
             graphdef, abstract, _ = split_model(cfg)
-            target = _with_shardings(abstract, state_shardings(abstract, mesh))
+            target = abstract_with_shardings(abstract, state_shardings(abstract, mesh))
             try:
                 weights = checkpoints.manager.restore(candidate, args=ocp.args.Composite(
                     **{which: _restore_args(target)}))[which]
@@ -267,12 +277,6 @@ def restore_model(workdir: str | Path, *, which: str = "ema", step: int | None =
         checkpoints.close()
 
 
-def _on_every_host(ok: bool) -> bool:
-    """Whether `ok` holds on every process (a collective: every process must call it)."""
-    if jax.process_count() == 1:
-        return ok
-    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
-
-
-__all__ = ["Checkpoints", "load_model_config", "restore_model", "write_run_config"]
+__all__ = ["CHECKPOINT_DIR", "RUN_CONFIG_FILE", "Checkpoints", "load_model_config", "read_run_config",
+           "restore_model", "write_run_config"]
 

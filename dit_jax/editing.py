@@ -9,7 +9,7 @@
   (q_sample(x_known, t) with fresh noise), and the known region of the result is the original
   itself. Masks are binary; they broadcast against x (e.g. (N, H, W, 1)).
 
-Samplers by name: "ddpm" (ancestral), "ddim" (with `eta`), "dpm++2m" (DPM-Solver++(2M)).
+Samplers by their registry name (`dit_jax.samplers`): "ddpm", "ddim" (with `eta`), "dpm++".
 """
 
 from __future__ import annotations
@@ -17,20 +17,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dit_jax.diffusion import dpm_solver, gaussian, loop
+from dit_jax.diffusion import gaussian, solver
+from dit_jax.samplers import make_solver
 
-SAMPLERS = ("ddpm", "ddim", "dpm++2m")
 
-
-def make_solver(name: str, diffusion: gaussian.GaussianDiffusion, model_fn,
-                eta: float = 0.0) -> loop.Solver:
-    if name == "ddpm":
-        return gaussian.ddpm_solver(diffusion, model_fn)
-    if name == "ddim":
-        return gaussian.ddim_solver(diffusion, model_fn, eta)
-    if name == "dpm++2m":
-        return dpm_solver.dpmpp_2m_solver(diffusion, model_fn)
-    raise ValueError(f"unknown sampler {name!r}; one of {SAMPLERS}")
+def _solver(name: str, diffusion, model_fn, eta: float) -> solver.Solver:
+    return make_solver(name, diffusion, model_fn, **({"eta": eta} if eta else {}))
 
 
 def img2img(diffusion: gaussian.GaussianDiffusion, model_fn, x0: jax.Array, key, *,
@@ -47,9 +39,9 @@ def img2img(diffusion: gaussian.GaussianDiffusion, model_fn, x0: jax.Array, key,
     start = num_steps - 1
     x = gaussian.q_sample(diffusion, x0, start,
                           jax.random.normal(noise_key, x0.shape, x0.dtype))
-    return loop.run(make_solver(sampler, diffusion, model_fn, eta), x, loop_key,
-                    first_step=start, return_trajectory=return_trajectory,
-                    return_pred_x0=return_pred_x0)
+    return solver.run(_solver(sampler, diffusion, model_fn, eta), x, loop_key,
+                      first_step=start, return_trajectory=return_trajectory,
+                      return_pred_x0=return_pred_x0)
 
 
 def inpaint(diffusion: gaussian.GaussianDiffusion, model_fn, x_known: jax.Array, mask, x_T, key,
@@ -63,9 +55,9 @@ def inpaint(diffusion: gaussian.GaussianDiffusion, model_fn, x_known: jax.Array,
                                    jax.random.normal(key_i, x.shape, x.dtype))
         return jnp.where(mask, noised, x)
 
-    out = loop.run(make_solver(sampler, diffusion, model_fn, eta), x_T, key,
-                   first_step=diffusion.num_timesteps - 1, before_step=write_known,
-                   return_trajectory=return_trajectory, return_pred_x0=return_pred_x0)
+    out = solver.run(_solver(sampler, diffusion, model_fn, eta), x_T, key,
+                     first_step=diffusion.num_timesteps - 1, before_step=write_known,
+                     return_trajectory=return_trajectory, return_pred_x0=return_pred_x0)
     if isinstance(out, dict):
         out["sample"] = jnp.where(mask, x_known, out["sample"])
         return out

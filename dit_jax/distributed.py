@@ -1,0 +1,71 @@
+"""Several hosts: starting JAX's multi-process runtime, and the small agreements between hosts.
+
+Every function here is a collective when more than one process runs: every process must call it
+at the same point of the program. With one process they are plain local operations.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+
+def initialize_distributed(mode: str = "auto", *, coordinator_address: str | None = None,
+                           num_processes: int | None = None, process_id: int | None = None) -> bool:
+    """Call `jax.distributed.initialize` when this process is one of several.
+
+    mode "on": always (arguments left None are auto-detected by JAX: SLURM, Open MPI, Cloud TPU,
+    Kubernetes); "off": never; "auto": when arguments are given or the environment shows a
+    multi-process launch (JAX_COORDINATOR_ADDRESS, SLURM with more than one task, Open MPI with
+    more than one rank, a multi-worker TPU slice). Returns whether it initialised. Call it before
+    anything asks JAX for its devices.
+    """
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"distributed mode must be auto, on or off, got {mode!r}")
+    if mode == "off":
+        return False
+    env = os.environ
+    launched_as_many = (
+        coordinator_address is not None or (num_processes or 1) > 1
+        or "JAX_COORDINATOR_ADDRESS" in env
+        or int(env.get("SLURM_NTASKS", env.get("SLURM_STEP_NUM_TASKS", "1"))) > 1
+        or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+        or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+        or "MEGASCALE_COORDINATOR_ADDRESS" in env)
+    if mode == "auto" and not launched_as_many:
+        return False
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
+    return True
+
+
+def on_every_host(ok: bool) -> bool:
+    """Whether `ok` holds on every process."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
+
+
+def sum_over_hosts(value: int) -> int:
+    """The sum of every process's `value`."""
+    if jax.process_count() == 1:
+        return int(value)
+    return int(np.sum(multihost_utils.process_allgather(np.asarray(value, np.int64))))
+
+
+def wait_for_every_host(name: str) -> None:
+    """A barrier named `name` (the same name on every process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def gather_rows(array: jax.Array) -> np.ndarray:
+    """A batch-sharded global array as one NumPy array on every host."""
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+__all__ = ["gather_rows", "initialize_distributed", "on_every_host", "sum_over_hosts",
+           "wait_for_every_host"]
