@@ -8,8 +8,7 @@ Defaults: on a CPU DiT-S/2 and DiT-B/4 at 256 px (latent 32×32×4), batch 8, fl
 (the CPU goal); on a GPU DiT-XL/2, DiT-B/4 and DiT-S/2, batch 128 (a guided sampling step of
 batch 64), bfloat16: JAX with bf16 weights and matmuls, cuDNN flash attention (XLA's attention
 if cuDNN cannot compile it), layers scanned; PyTorch with the model cast to bf16 and SDPA.
-Before timing, one worker checks on the CPU that both implementations compute the same function
-with the same weights (float32, max relative difference of the outputs).
+That both compute the same function is tests/test_port.py's business, not the benchmark's.
 
 Writes bench/results/forward_<platform>.json and prints a table.
 """
@@ -119,30 +118,6 @@ def torch_worker(args) -> dict:
             "peak_memory_gb": common.torch_peak_memory_gb(device)}
 
 
-def check_worker(args) -> dict:
-    """Same weights through both implementations on the CPU, float32."""
-    import numpy as np
-    import torch
-
-    common.torch_setup("cpu")
-    torch_model = common.torch_dit(args.model, image_size=args.image_size)
-    model = common.torch_to_jax(torch_model, args.model, args.image_size)
-    side = args.image_size // 8
-    generator = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 4, side, side, generator=generator)
-    t = torch.tensor([3, 811])
-    y = torch.tensor([17, 1000])  # the second is the null class of guidance
-    with torch.no_grad():
-        reference = torch_model(x, t, y).sample.numpy()
-    out = np.asarray(model(np.ascontiguousarray(x.numpy().transpose(0, 2, 3, 1)), t.numpy(),
-                           y.numpy())).transpose(0, 3, 1, 2)
-    return {"max_rel_diff": float(np.abs(out - reference).max() / np.abs(reference).max())}
-
-
-# ----------------------------------------------------------------------------------------------
-# Parent
-
-
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=None, help="comma-separated official names")
@@ -155,12 +130,11 @@ def main(argv=None) -> dict:
                    help="JAX attention (default: cudnn on a GPU, xla on a CPU)")
     p.add_argument("--torch-compile", action="store_true",
                    help="add a torch.compile row (not part of the goals; slow to compile)")
-    p.add_argument("--no-check", action="store_true", help="skip the same-function check")
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="fewer iterations")
     p.add_argument("--json", default=None)
     # worker mode
-    p.add_argument("--worker", choices=["jax", "torch", "check"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--platform", help=argparse.SUPPRESS)
     p.add_argument("--warmup", type=int, default=2, help=argparse.SUPPRESS)
@@ -170,7 +144,7 @@ def main(argv=None) -> dict:
 
     if args.worker:
         args.scan_blocks = bool(args.scan_blocks)
-        worker = {"jax": jax_worker, "torch": torch_worker, "check": check_worker}[args.worker]
+        worker = {"jax": jax_worker, "torch": torch_worker}[args.worker]
         common.write_worker_result(args.out, worker(args))
         return {}
 
@@ -185,7 +159,7 @@ def main(argv=None) -> dict:
               "config": {"models": models, "batch": batch, "dtype": dtype,
                          "image_size": args.image_size, "iters": iters, "inner": inner,
                          "scan_blocks": bool(args.scan_blocks)},
-              "rows": [], "checks": {}}
+              "rows": []}
     base = ["--batch", str(batch), "--dtype", dtype, "--image-size", str(args.image_size),
             "--platform", platform, "--iters", str(iters), "--inner", str(inner),
             "--scan-blocks", str(args.scan_blocks)]
@@ -193,12 +167,6 @@ def main(argv=None) -> dict:
         base += ["--attention", args.attention]
     for model in models:
         flops = common.forward_flops_per_image(model, args.image_size) * batch
-        if not args.no_check:
-            check = common.run_worker(SCRIPT, ["--worker", "check", "--model", model,
-                                               "--image-size", str(args.image_size)], platform="cpu")
-            report["checks"][model] = check
-            print(f"{model}: same weights, JAX vs patched diffusers (CPU, float32): "
-                  f"max rel diff {check.get('max_rel_diff', check.get('error'))}")
         sides = [("jax", ["--worker", "jax"]), ("torch", ["--worker", "torch"])]
         if args.torch_compile:
             sides.append(("torch compile", ["--worker", "torch", "--torch-compile"]))

@@ -1,82 +1,31 @@
 """Loop overhead of the compiled samplers: per-step time of a whole sampling run (one lax.scan)
-against one jitted call of the same model_fn at the same batch.
+against one jitted call of the same guided model_fn at the same batch.
 
-    python bench/bench_sampler.py                       # toy conv model on whatever JAX sees
     python bench/bench_sampler.py --model DiT-S/2 --image-size 256 --batch 32 --cfg-scale 4
 
 The per-step overhead (per-step loop time minus one model call, both the minimum over rounds)
 is what the sampler adds: the table gathers, the update arithmetic, the step's noise draw (DDPM)
 and the scan itself. It can come out slightly negative: XLA fuses the update into the model's
-last ops inside the loop. Results are printed as a table and written as JSON (device, versions,
-date, results).
+last ops inside the loop. Samplers by their `dit_jax.samplers` names, each on its default grid.
+Writes bench/results/sampler_overhead_<platform>.json (or --json) and prints a table.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dit_jax import diffusion as D  # noqa: E402
-
-LOOPS = {"ddpm": D.p_sample_loop, "ddim": D.ddim_sample_loop, "dpm++2m": D.dpmpp_2m_sample_loop}
-
-
-def toy_model(channels: int, hidden: int, seed: int = 0):
-    """A small conv net (3x3 conv, GELU, 3x3 conv to 2C channels, time and label shifts): enough
-    arithmetic per element that the model, not the loop, should dominate a step."""
-    k1, k2, k3, k4 = jax.random.split(jax.random.key(seed), 4)
-    params = {
-        "w1": jax.random.normal(k1, (3, 3, channels, hidden)) * 0.1,
-        "w2": jax.random.normal(k2, (3, 3, hidden, 2 * channels)) * 0.1,
-        "t": jax.random.normal(k3, (hidden,)) * 0.1,
-        "y": jax.random.normal(k4, (1001, hidden)) * 0.1,
-    }
-
-    def apply(params, x, t, y):
-        conv = lambda a, w: jax.lax.conv_general_dilated(  # noqa: E731
-            a, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        h = conv(x, params["w1"])
-        h = h + (t.astype(jnp.float32)[:, None] / 1000.0 * params["t"])[:, None, None, :]
-        h = jax.nn.gelu(h + params["y"][y][:, None, None, :])
-        return conv(h, params["w2"])
-
-    return params, apply
-
-
-def dit_model(name: str, image_size: int, dtype: str):
-    import dit_jax
-    from flax import nnx
-
-    model = dit_jax.create_model(name, image_size=image_size, dtype=getattr(jnp, dtype))
-    # A fresh DiT outputs exactly zero (adaLN-Zero); random weights make the samplers do real work.
-    state = nnx.state(model, nnx.Param)
-    leaves, treedef = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(0), len(leaves))
-    nnx.update(model, jax.tree.unflatten(
-        treedef, [jax.random.normal(k, a.shape, a.dtype) * 0.02 for k, a in zip(keys, leaves)]))
-    graphdef, params = nnx.split(model)
-
-    def apply(params, x, t, y):
-        return nnx.merge(graphdef, params)(x, t, y)
-
-    cfg = model.config
-    side = cfg.input_size if isinstance(cfg.input_size, int) else cfg.input_size[0]
-    return params, apply, side, cfg.in_channels
+import common  # noqa: E402
 
 
 def _wall(fn, *args) -> float:
+    import jax
+
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
     return time.perf_counter() - start
@@ -87,6 +36,8 @@ def timed_pair(loop_fn, loop_args, call_fn, call_args, steps: int, rounds: int) 
     round times one whole loop and `steps` separately synchronised model calls, two windows of
     about the same length, so both see the same machine load. Minimum over rounds (noise on a
     shared machine only ever adds time) and median."""
+    import jax
+
     jax.block_until_ready(loop_fn(*loop_args))  # compile
     jax.block_until_ready(call_fn(*call_args))
     loop_times, call_times = [], []
@@ -97,23 +48,30 @@ def timed_pair(loop_fn, loop_args, call_fn, call_args, steps: int, rounds: int) 
             "call_min": min(call_times), "call_median": statistics.median(call_times)}
 
 
-def bench_one(sampler, steps, params, apply, shape, cfg_scale, rounds):
-    diffusion = D.create_diffusion(f"logsnr{steps}" if sampler == "dpm++2m" else str(steps))
+def bench_one(sampler: str, steps: int, model, shape, cfg_scale: float, rounds: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dit_jax import diffusion as D
+    from dit_jax.samplers import get_sampler, sample_loop
+    from dit_jax.sampling import guided_model_fn
+
+    diffusion = D.create_diffusion(get_sampler(sampler).default_spacing(steps))
     n = shape[0]
-    labels = jnp.arange(n, dtype=jnp.int32) % 1000
+    graphdef, weights = nnx.split(model)
 
-    def guided(args, x, t):
-        params, y = args
-        fn = D.classifier_free_guidance(lambda x, t, y: apply(params, x, t, y), y, cfg_scale,
-                                        null_label=1000)
-        return fn(x, t)
+    def guided(weights, labels, x, t):
+        return guided_model_fn(nnx.merge(graphdef, weights), labels, cfg_scale, "3")(x, t)
 
-    run = D.jit_sampler(LOOPS[sampler], diffusion, guided)
+    run = jax.jit(lambda w, y, x, key: sample_loop(
+        sampler, diffusion, lambda x, t: guided(w, y, x, t), x, key))
     call = jax.jit(guided)
+    labels = jnp.arange(n, dtype=jnp.int32) % 1000
     x_T = jax.random.normal(jax.random.key(1), shape)
-    t = jnp.full((n,), 500, jnp.int32)
-    m = timed_pair(run, ((params, labels), x_T, jax.random.key(2)), call,
-                   ((params, labels), x_T, t), diffusion.num_timesteps, rounds)
+    m = timed_pair(run, (weights, labels, x_T, jax.random.key(2)), call,
+                   (weights, labels, x_T, jnp.full((n,), 500, jnp.int32)),
+                   diffusion.num_timesteps, rounds)
     return {
         "sampler": sampler, "steps": diffusion.num_timesteps, "batch": n,
         "model_batch": n if cfg_scale == 1.0 else 2 * n, "cfg_scale": cfg_scale,
@@ -126,62 +84,47 @@ def bench_one(sampler, steps, params, apply, shape, cfg_scale, rounds):
     }
 
 
-def main():
+def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=None, help="a DiT name (e.g. DiT-S/2); default: toy conv")
+    p.add_argument("--model", default="DiT-S/2")
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--dtype", default="float32", help="DiT compute dtype (float32, bfloat16)")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--side", type=int, default=32, help="toy model: latent side")
-    p.add_argument("--hidden", type=int, default=64, help="toy model: conv width")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--samplers", default="ddpm,ddim,dpm++2m")
+    p.add_argument("--samplers", default="ddpm,ddim,dpm++")
     p.add_argument("--cfg-scale", type=float, default=1.0)
     p.add_argument("--rounds", type=int, default=10,
                    help="alternating rounds of (one loop, `steps` model calls)")
-    p.add_argument("--json", default="bench/results/bench_sampler.json")
-    args = p.parse_args()
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
 
-    if args.model:
-        params, apply, side, channels = dit_model(args.model, args.image_size, args.dtype)
-        model_desc = f"{args.model} {args.image_size}px {args.dtype}"
-    else:
-        params, apply = toy_model(4, args.hidden)
-        side, channels = args.side, 4
-        model_desc = f"toy conv 3x3 (4->{args.hidden}->8)"
-    shape = (args.batch, side, side, channels)
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
 
-    results = [bench_one(s, args.steps, params, apply, shape, args.cfg_scale, args.rounds)
-               for s in args.samplers.split(",")]
+    import dit_jax
 
-    device = jax.devices()[0]
-    print(f"{model_desc}, x {shape}, cfg {args.cfg_scale}, on {device.device_kind} "
-          f"x{jax.device_count()} ({jax.default_backend()})")
-    cols = ("sampler", "steps", "model_batch", "model_call_ms", "loop_per_step_ms",
-            "overhead_per_step_ms", "overhead_pct")
-    print(" | ".join(f"{c:>20}" for c in cols))
-    for r in results:
-        print(" | ".join(f"{r[c]:>20.3f}" if isinstance(r[c], float) else f"{r[c]:>20}"
-                         for c in cols))
-
-    import flax
-    import jaxlib
-    report = {
-        "benchmark": "sampler loop overhead",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": {"kind": device.device_kind, "platform": jax.default_backend(),
-                   "count": jax.device_count(), "host": platform.processor() or platform.machine()},
-        "versions": {"python": platform.python_version(), "jax": jax.__version__,
-                     "jaxlib": jaxlib.__version__,
-                     "flax": flax.__version__, "numpy": np.__version__},
-        "config": {"model": model_desc, "shape": list(shape), "cfg_scale": args.cfg_scale,
-                   "rounds": args.rounds},
-        "results": results,
-    }
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    model = dit_jax.create_model(args.model, image_size=args.image_size,
+                                 dtype=getattr(jnp, args.dtype))
+    # A fresh DiT outputs exactly zero (adaLN-Zero); random weights make the samplers do real work.
+    nnx.update(model, common.random_params(nnx.state(model, nnx.Param)))
+    cfg = model.config
+    shape = (args.batch, cfg.input_size, cfg.input_size, cfg.in_channels)
+    rows = [bench_one(s, args.steps, model, shape, args.cfg_scale, args.rounds)
+            for s in args.samplers.split(",")]
+    report = {"benchmark": "sampler loop overhead", "platform": jax.default_backend(),
+              **common.environment(), "device": common.jax_device_info(),
+              "config": {"model": f"{args.model} {args.image_size}px {args.dtype}",
+                         "shape": list(shape), "cfg_scale": args.cfg_scale,
+                         "rounds": args.rounds},
+              "results": rows}
+    report["table"] = common.print_table(
+        f"Sampler loop overhead: {args.model}, x {shape}, cfg {args.cfg_scale}", rows,
+        [("sampler", "sampler", ""), ("steps", "steps", ""), ("model_batch", "model batch", ""),
+         ("model_call_ms", "model call ms", ".3f"), ("loop_per_step_ms", "loop/step ms", ".3f"),
+         ("overhead_per_step_ms", "overhead/step ms", ".3f"), ("overhead_pct", "overhead %", ".1f")])
+    common.write_report("sampler_overhead", report, args.json)
+    return report
 
 
 if __name__ == "__main__":

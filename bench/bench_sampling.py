@@ -212,38 +212,6 @@ def torch_worker(args) -> dict:
             "peak_memory_gb": common.torch_peak_memory_gb(device)}
 
 
-def check_worker(args) -> dict:
-    """The same DDIM run (same weights, noise and labels) through both samplers, on the CPU in
-    float32: the PyTorch loop is the same algorithm as the library's."""
-    import jax
-    import numpy as np
-    import torch
-
-    from dit_jax import diffusion as D
-    from dit_jax.sampling import diffusion_for, guided_model_fn
-
-    common.torch_setup("cpu")
-    torch_model = common.torch_dit(args.model, image_size=args.image_size)
-    model = common.torch_to_jax(torch_model, args.model, args.image_size)
-    sample = torch_sampler(torch_model, sampler="ddim", steps=args.steps, cfg_scale=args.cfg_scale,
-                           dtype=torch.float32, device="cpu")
-    side = args.image_size // 8
-    generator = torch.Generator().manual_seed(1)
-    x_T = torch.randn(2, 4, side, side, generator=generator)
-    labels = torch.tensor([17, 933])
-    reference = sample(x_T, labels).numpy()
-    fn = guided_model_fn(model, jax.numpy.asarray(labels.numpy()), args.cfg_scale, "3")
-    out = D.ddim_sample_loop(diffusion_for("ddim", args.steps), fn,
-                             jax.numpy.asarray(x_T.numpy().transpose(0, 2, 3, 1)))
-    out = np.asarray(out).transpose(0, 3, 1, 2)
-    return {"sampler": "ddim", "steps": args.steps, "cfg_scale": args.cfg_scale,
-            "max_rel_diff": float(np.abs(out - reference).max() / np.abs(reference).max())}
-
-
-# ----------------------------------------------------------------------------------------------
-# Parent
-
-
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None)
@@ -258,14 +226,13 @@ def main(argv=None) -> dict:
     p.add_argument("--scan-blocks", type=int, default=1)
     p.add_argument("--attention", default=None, choices=["xla", "cudnn"])
     p.add_argument("--only", default="throughput,compile")
-    p.add_argument("--no-check", action="store_true", help="skip the same-algorithm check")
     p.add_argument("--compile-model", default="DiT-XL/2")
     p.add_argument("--compile-batch", type=int, default=64)
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="fewer iterations")
     p.add_argument("--json", default=None)
     # worker mode
-    p.add_argument("--worker", choices=["jax", "torch", "compile", "check"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["jax", "torch", "compile"], help=argparse.SUPPRESS)
     p.add_argument("--sampler", help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     p.add_argument("--cfg-scale", type=float, help=argparse.SUPPRESS)
@@ -276,8 +243,7 @@ def main(argv=None) -> dict:
 
     if args.worker:
         args.scan_blocks = bool(args.scan_blocks)
-        worker = {"jax": jax_worker, "torch": torch_worker, "compile": compile_worker,
-                  "check": check_worker}[args.worker]
+        worker = {"jax": jax_worker, "torch": torch_worker, "compile": compile_worker}[args.worker]
         common.write_worker_result(args.out, worker(args))
         return {}
 
@@ -298,15 +264,6 @@ def main(argv=None) -> dict:
               "rows": [], "compile": []}
     extra = ["--attention", args.attention] if args.attention else []
     tables = []
-
-    if "throughput" in sections and not args.no_check:
-        check = common.run_worker(SCRIPT, [
-            "--worker", "check", "--model", model, "--image-size", str(args.image_size),
-            "--steps", "5", "--cfg-scale", str(args.ddim_cfg)], platform="cpu")
-        report["check"] = check
-        print(f"{model}: DDIM-5 with guidance {args.ddim_cfg}, same weights and noise, JAX vs the "
-              f"PyTorch loop (CPU, float32): max rel diff "
-              f"{check.get('max_rel_diff', check.get('error'))}")
 
     if "throughput" in sections:
         macs = common.forward_flops_per_image(model, args.image_size) / 2

@@ -58,52 +58,34 @@ def defaults(platform: str) -> dict:
 # JAX
 
 
-def _jax_step(args, *, batch: int, remat: bool, attention: str):
-    """(jitted step, model config, mesh, tx) for the library's train step."""
+def _compile_step(args, *, batch: int, remat, attention: str):
+    """The library's train step (`dit_jax.train.step.lower_train_step`, as the train loop builds
+    it) compiled for abstract inputs: (compiled, model config, mesh, tx, state shardings,
+    lower seconds, compile seconds)."""
+    import jax
     import jax.numpy as jnp
 
     from configs import dit as dit_configs
     from dit_jax.diffusion import create_diffusion
-    from dit_jax.sharding import make_mesh, state_shardings
-    from dit_jax.train.state import (abstract_train_state, make_optimizer, split_model,
-                                     train_state_shardings)
-    from dit_jax.train.step import StepConfig, jit_train_step, make_train_step
+    from dit_jax.models.dit import split_model
+    from dit_jax.sharding import make_mesh
+    from dit_jax.train.state import abstract_train_state, make_optimizer
+    from dit_jax.train.step import StepConfig, lower_train_step
 
     cfg = common.model_config(args.model, args.image_size, dtype=getattr(jnp, args.dtype),
                               attention_impl=attention, scan_blocks=args.scan_blocks, remat=remat)
     tx, schedule = make_optimizer(dit_configs.base_config().optim, total_steps=1_000_000)
     mesh = make_mesh()
     graphdef, _, abstract_buffers = split_model(cfg)
-    abstract = abstract_train_state(cfg, tx)
-    shardings = train_state_shardings(abstract, mesh)
-    buffer_shardings = state_shardings(abstract_buffers, mesh)
-    step = jit_train_step(
-        make_train_step(graphdef, create_diffusion(""), tx, schedule,
-                        StepConfig(ema_decay=EMA_DECAY), mesh),
-        shardings, buffer_shardings, mesh)
-    return step, cfg, mesh, tx, (abstract, shardings, abstract_buffers, buffer_shardings)
-
-
-def _abstract_inputs(abstracts, mesh, batch: int, side: int):
-    import jax
-    import jax.numpy as jnp
-
-    from dit_jax.sharding import batch_sharding
-    abstract, shardings, abstract_buffers, buffer_shardings = abstracts
-    with_sharding = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)  # noqa: E731
-    return (jax.tree.map(with_sharding, abstract, shardings),
-            jax.tree.map(with_sharding, abstract_buffers, buffer_shardings),
-            {"x": jax.ShapeDtypeStruct((batch, side, side, 4), jnp.float32,
-                                       sharding=batch_sharding(mesh, 4)),
-             "y": jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=batch_sharding(mesh, 1))})
-
-
-def _compile(step, abstracts, mesh, batch, side):
-    start = time.perf_counter()
-    lowered = step.lower(*_abstract_inputs(abstracts, mesh, batch, side))
-    lower_s = time.perf_counter() - start
-    compiled = lowered.compile()
-    return compiled, lower_s, time.perf_counter() - start - lower_s
+    with jax.set_mesh(mesh):
+        start = time.perf_counter()
+        lowered, shardings, _ = lower_train_step(
+            graphdef, create_diffusion(""), tx, schedule, StepConfig(ema_decay=EMA_DECAY), mesh,
+            abstract_state=abstract_train_state(cfg, tx), buffers=abstract_buffers,
+            element_shape=(cfg.input_size, cfg.input_size, cfg.in_channels), global_batch=batch)
+        lower_s = time.perf_counter() - start
+        compiled = lowered.compile()
+    return compiled, cfg, mesh, tx, shardings, lower_s, time.perf_counter() - start - lower_s
 
 
 def _concrete_inputs(cfg, mesh, tx, shardings, batch, side, seed=0):
@@ -134,23 +116,19 @@ def jax_worker(args) -> dict:
            "variant": f"jax {args.dtype} ({'scan' if args.scan_blocks else 'unrolled'}{remat})"}
 
     def build(attention_impl):
-        step, cfg, mesh, tx, abstracts = _jax_step(args, batch=args.batch, remat=args.remat,
-                                                   attention=attention_impl)
-        with jax.set_mesh(mesh):
-            compiled, lower_s, compile_s = _compile(step, abstracts, mesh, args.batch, side)
-        return compiled, cfg, mesh, tx, abstracts, lower_s, compile_s
+        return _compile_step(args, batch=args.batch, remat=args.remat, attention=attention_impl)
 
     try:
-        compiled, cfg, mesh, tx, abstracts, lower_s, compile_s = build(attention)
+        compiled, cfg, mesh, tx, shardings, lower_s, compile_s = build(attention)
     except Exception as error:  # noqa: BLE001 - cuDNN may reject a shape or be missing
         if attention != "cudnn" or common.is_oom(error):
             raise
         row["attention"] = "xla"
         row["attention_fallback"] = f"cudnn failed: {str(error).splitlines()[0][:200]}"
-        compiled, cfg, mesh, tx, abstracts, lower_s, compile_s = build("xla")
+        compiled, cfg, mesh, tx, shardings, lower_s, compile_s = build("xla")
 
     with jax.set_mesh(mesh):
-        state, buffers, data = _concrete_inputs(cfg, mesh, tx, abstracts[1], args.batch, side)
+        state, buffers, data = _concrete_inputs(cfg, mesh, tx, shardings, args.batch, side)
         holder = {"state": state}
 
         def run():
@@ -171,12 +149,9 @@ def compile_worker(args) -> dict:
     can be compiled on any machine."""
     import jax
 
-    side = args.image_size // 8
     attention = args.attention or ("cudnn" if jax.default_backend() == "gpu" else "xla")
-    step, cfg, mesh, tx, abstracts = _jax_step(args, batch=args.batch, remat=args.remat,
-                                               attention=attention)
-    with jax.set_mesh(mesh):
-        _, lower_s, compile_s = _compile(step, abstracts, mesh, args.batch, side)
+    *_, lower_s, compile_s = _compile_step(args, batch=args.batch, remat=args.remat,
+                                           attention=attention)
     return {"model": args.model, "batch": args.batch, "dtype": args.dtype, "attention": attention,
             "scan_blocks": args.scan_blocks, "remat": args.remat, "lower_s": lower_s,
             "compile_s": compile_s, "total_s": lower_s + compile_s,
@@ -203,17 +178,13 @@ def memory_worker(args) -> dict:
     probes = []
 
     def analysed(batch):
-        step, cfg, mesh, tx, abstracts = _jax_step(args, batch=batch, remat=args.remat,
-                                                   attention=attention)
-        with jax.set_mesh(mesh):
-            compiled, _, _ = _compile(step, abstracts, mesh, batch, side)
-        return compiled, cfg, mesh, tx, abstracts
+        return _compile_step(args, batch=batch, remat=args.remat, attention=attention)[:5]
 
     def fits(batch) -> bool:
         try:
-            compiled, cfg, mesh, tx, abstracts = analysed(batch)
+            compiled, cfg, mesh, tx, shardings = analysed(batch)
             with jax.set_mesh(mesh):
-                state, buffers, data = _concrete_inputs(cfg, mesh, tx, abstracts[1], batch, side)
+                state, buffers, data = _concrete_inputs(cfg, mesh, tx, shardings, batch, side)
                 for _ in range(2):
                     state, metrics = compiled(state, buffers, data)
                 jax.block_until_ready(metrics)
