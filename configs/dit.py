@@ -80,7 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample = ml_collections.ConfigDict()
     c.sample.num_images = 16
     c.sample.cfg_scale = 4.0
-    c.sample.sampler = "ddim"
+    c.sample.sampler = "ddim"  # a dit_jax.samplers name: "ddpm", "ddim", "dpm++"
     c.sample.steps = 50
     # Clip x̂0 to [-1, 1] while sampling (ADM's clip_denoised): for pixel-space models only; the
     # official DiT samples latents unclipped.
