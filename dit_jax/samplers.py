@@ -6,9 +6,11 @@ A sampler is a `SamplerSpec`:
     name             its one name everywhere ("ddpm", "ddim", "dpm++")
     family           "diffusion": built from a `GaussianDiffusion`; "transport": from a
                      flow-matching transport object
-    build            build(process, model_fn, **options) -> Solver (see `dit_jax.diffusion.solver`)
-                     for the process (the respaced diffusion, or the transport), and the
-                     model_fn(x_t, t) of the samplers; options are sampler-specific (DDIM's eta)
+    build            build(process, model_fn, **options) -> a `Solver` (`dit_jax.diffusion.solver`,
+                     stepped over the process's steps) or a plain callable sample(x_T, key) -> x
+                     (e.g. an adaptive ODE solve), for the process (the respaced diffusion, or the
+                     transport) and the model_fn(x_t, t) of the samplers; options are
+                     sampler-specific (DDIM's eta)
     default_spacing  default_spacing(steps) -> the `timestep_respacing` string that gives the
                      sampler its `steps` (None for a family that has no respacing)
     stochastic       whether it draws noise at each step (then it needs a PRNG key)
@@ -30,7 +32,7 @@ from dit_jax.diffusion import dpm_solver, gaussian, solver
 class SamplerSpec:
     name: str
     family: Literal["diffusion", "transport"]
-    build: Callable[..., solver.Solver]
+    build: Callable[..., solver.Solver | Callable]
     default_spacing: Callable[[int], str | None]
     stochastic: bool
     description: str = ""
@@ -68,8 +70,10 @@ def make_solver(name: str, process, model_fn, **options: Any) -> solver.Solver:
 
 def sample_loop(name: str, process, model_fn, x_T, key=None, **options: Any):
     """Sampler `name` from x_T through every step of `process` (as `p_sample_loop`)."""
-    return solver.run(make_solver(name, process, model_fn, **options), x_T, key,
-                      first_step=process.num_timesteps - 1)
+    built = make_solver(name, process, model_fn, **options)
+    if isinstance(built, solver.Solver):
+        return solver.run(built, x_T, key, first_step=process.num_timesteps - 1)
+    return built(x_T, key)
 
 
 register(SamplerSpec(
