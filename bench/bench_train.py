@@ -430,7 +430,7 @@ def main(argv=None) -> dict:
                 "--worker", "compile", "--model", args.compile_model, "--batch",
                 str(args.compile_batch), "--dtype", compile_dtype, "--image-size",
                 str(args.image_size), "--platform", platform, "--scan-blocks", str(scan),
-                "--remat", "0"] + (["--attention", args.attention] if args.attention else []),
+                "--remat", "none"] + (["--attention", args.attention] if args.attention else []),
                 platform=platform)
             row.setdefault("model", args.compile_model)
             row.setdefault("scan_blocks", bool(scan))
