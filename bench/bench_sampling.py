@@ -53,7 +53,7 @@ def _jax_sampler(args, attention: str):
     from flax import nnx
 
     import dit_jax
-    from dit_jax import diffusion as D
+    from dit_jax.samplers import sample_loop
     from dit_jax.sampling import diffusion_for, guided_model_fn
 
     dtype = getattr(jnp, args.dtype)
@@ -62,14 +62,15 @@ def _jax_sampler(args, attention: str):
         scan_blocks=args.scan_blocks))
     graphdef, abstract_params, abstract_rest = nnx.split(model, nnx.Param, ...)
     diffusion = diffusion_for(args.sampler, args.steps)
-    loop = {"ddim": D.ddim_sample_loop, "ddpm": D.p_sample_loop}[args.sampler]
 
     def apply(model_args, x, t):
         params, rest, labels = model_args
         dit = nnx.merge(graphdef, params, rest)
         return guided_model_fn(dit, labels, args.cfg_scale, "3")(x, t)
 
-    run = D.jit_sampler(loop, diffusion, apply)
+    # The sampler by its registry name, as sample.py runs it.
+    run = jax.jit(lambda model_args, x_T, key: sample_loop(
+        args.sampler, diffusion, lambda x, t: apply(model_args, x, t), x_T, key))
     side = args.image_size // 8
 
     def abstract():
