@@ -92,8 +92,8 @@ def _concrete_inputs(cfg, mesh, tx, shardings, batch, side, seed=0):
     import jax
     import jax.numpy as jnp
 
-    from dit_jax.sharding import batch_sharding
-    from dit_jax.train.state import create_train_state, model_buffers
+    from dit_jax.sharding import batch_sharding, model_buffers
+    from dit_jax.train.state import create_train_state
     state = create_train_state(cfg, tx, mesh, seed=seed)
     # Random weights (the official init zeroes the adaLN and output layers); EMA a copy of them.
     params = jax.jit(common.random_params, out_shardings=shardings.params)(state.params)
