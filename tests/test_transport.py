@@ -319,3 +319,37 @@ def test_sampler_errors():
         T.sde_sample_loop(tr, f, jnp.zeros((2, 4)), None)
     assert set(T.TRANSPORT_SAMPLERS) == {"ode-euler", "ode-heun", "ode-dopri5", "sde-euler",
                                          "sde-heun"}
+
+
+# ------------------------------------------------------------------ guidance in transport time
+
+
+def test_guidance_in_transport_time():
+    from dit_jax.diffusion import classifier_free_guidance
+
+    batches = []
+
+    def conditional(x, t, y):  # records the batch of each traced call
+        batches.append(x.shape[0])
+        return x * (1 + t[:, None]) + 0.1 * y[:, None].astype(x.dtype)
+
+    y = jnp.array([2, 5])
+    x = jnp.ones((2, 4))
+    unguided = classifier_free_guidance(conditional, y, 1.0, null_label=10, time_dtype=None)
+    tr = T.create_transport()
+    jax.jit(T.make_sde_sampler(tr, unguided, num_steps=5))(x, jax.random.key(0))
+    jax.jit(T.make_ode_sampler(tr, unguided, method="heun2", num_steps=5))(x)
+    assert batches and set(batches) == {2}  # scale 1: never a doubled batch
+    batches.clear()
+    # REPA's "t ≤ 0.7" of its reversed time is t ≥ 0.3 here; float t must stay float.
+    g = jax.jit(classifier_free_guidance(conditional, y, 1.8, null_label=10, guide_channels=None,
+                                         interval=(0.3, 1.0), time_dtype=None))
+    cond = lambda t: conditional(x, t, y)  # noqa: E731
+    full = lambda t: (conditional(x, t, jnp.full_like(y, 10))  # noqa: E731
+                      + 1.8 * (cond(t) - conditional(x, t, jnp.full_like(y, 10))))
+    inside, outside, mixed = jnp.array([0.3, 0.65]), jnp.array([0.0, 0.29]), jnp.array([0.2, 0.5])
+    np.testing.assert_allclose(g(x, inside), full(inside), rtol=1e-6)
+    np.testing.assert_allclose(g(x, outside), cond(outside), rtol=1e-6)
+    np.testing.assert_allclose(g(x, mixed), jnp.stack([cond(mixed)[0], full(mixed)[1]]),
+                               rtol=1e-6)
+    assert not np.allclose(full(inside), cond(inside))
