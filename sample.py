@@ -7,6 +7,10 @@
     python sample.py --ckpt DiT-XL-2-256x256.pt --labels 207,360,387,974,88,979,417,279
     # a pixel-space model trained with train.py
     python sample.py --ckpt runs/demo --vae none --labels 0,1,2,3 --sampler ddim --steps 50
+    # SiT / REPA weights or a run trained with --config.objective=transport (docs/transport.md)
+    python sample.py --ckpt SiT-XL-2-256x256.pt --kind sit --sampler sde-euler --cfg-scale 1.5
+    python sample.py --ckpt last.pt --kind repa --sampler sde-euler --cfg-scale 1.8 \
+        --guidance-channels all
 
 --ckpt is anything `dit_jax.port.load_any` reads: an official .pt, a .safetensors file, a diffusers
 folder or hub id, a dit_jax model checkpoint directory, or a train.py workdir. Runs resume: chunks
@@ -17,8 +21,8 @@ shared file system). See dit_jax/sampling.py.
 
 from absl import app, flags, logging
 
-from dit_jax.sampling import (DEFAULT_VAE, GUIDANCE_CHANNELS, SAMPLERS, SampleRequest,
-                              sample)
+from dit_jax.sampling import (CHECKPOINT_KINDS, DEFAULT_VAE, GUIDANCE_CHANNELS, SAMPLERS,
+                              TRANSPORT_SAMPLERS, SampleRequest, sample)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("ckpt", None, "DiT weights: file, folder, workdir or hub id")
@@ -33,7 +37,8 @@ flags.DEFINE_integer("batch_size", 32, "global batch per chunk, split over all d
 flags.DEFINE_float("cfg_scale", 4.0, "classifier-free guidance scale (1: none)")
 flags.DEFINE_enum("guidance_channels", "3", list(GUIDANCE_CHANNELS),
                   "guide 3 ε channels (the released DiT) or all of them")
-flags.DEFINE_enum("sampler", "ddpm", list(SAMPLERS), "sampler")
+flags.DEFINE_enum("sampler", "ddpm", list(SAMPLERS + TRANSPORT_SAMPLERS),
+                  "sampler: ddpm/ddim/dpm++ for DiT's diffusion, ode-*/sde-* for flow models")
 flags.DEFINE_integer("steps", 250, "sampling steps")
 flags.DEFINE_integer("seed", 0, "random seed")
 flags.DEFINE_string("out", "samples", "output directory: grid.png, samples/, chunks/")
@@ -45,6 +50,12 @@ flags.DEFINE_enum("numerics", None, ["official", "diffusers"],
 flags.DEFINE_bool("clip_denoised", False, "clip x0 to [-1, 1] at each step (pixel-space models)")
 flags.DEFINE_string("noise_schedule", "linear", "the noise schedule the model was trained with")
 flags.DEFINE_integer("diffusion_steps", 1000, "the diffusion steps the model was trained with")
+flags.DEFINE_enum("kind", "dit", list(CHECKPOINT_KINDS),
+                  "a .pt file's kind: dit, sit or repa (REPA's reversed time is converted)")
+flags.DEFINE_enum("path_type", None, ["Linear", "GVP", "VP"],
+                  "transport path (default: the workdir's run, else Linear)")
+flags.DEFINE_enum("prediction", None, ["velocity", "noise", "score"],
+                  "transport prediction (default: the workdir's run, else velocity)")
 flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                   "call jax.distributed.initialize: auto = when launched as several processes")
 
@@ -75,7 +86,8 @@ def request_from_flags() -> SampleRequest:
         cfg_scale=FLAGS.cfg_scale, guidance_channels=FLAGS.guidance_channels,
         sampler=FLAGS.sampler, steps=FLAGS.steps, seed=FLAGS.seed, out=FLAGS.out, npz=FLAGS.npz,
         dtype=FLAGS.dtype, numerics=FLAGS.numerics, clip_denoised=FLAGS.clip_denoised,
-        noise_schedule=FLAGS.noise_schedule, diffusion_steps=FLAGS.diffusion_steps)
+        noise_schedule=FLAGS.noise_schedule, diffusion_steps=FLAGS.diffusion_steps,
+        kind=FLAGS.kind, path_type=FLAGS.path_type, prediction=FLAGS.prediction)
 
 
 def main(argv):

@@ -36,13 +36,17 @@ from PIL import Image
 from tqdm import tqdm
 
 from dit_jax import diffusion as diff
+from dit_jax import transport as flow
 from dit_jax.models.dit import DiT
+from dit_jax.models.sit import sit_forward
 from dit_jax.sharding import batch_sharding, make_mesh, state_shardings
 from dit_jax.train.state import place
 
 log = logging.getLogger(__name__)
 
 SAMPLERS = ("ddpm", "ddim", "dpm++")
+TRANSPORT_SAMPLERS = tuple(flow.TRANSPORT_SAMPLERS)  # SiT / REPA models
+CHECKPOINT_KINDS = ("dit", "sit", "repa")
 GUIDANCE_CHANNELS = ("3", "all")
 GRID_MAX = 64
 NOISE_STREAM, LABEL_STREAM = 0, 1  # independent key streams under the run's seed
@@ -75,10 +79,21 @@ class SampleRequest:
     clip_denoised: bool = False  # clip x̂0 to [-1, 1] each step: pixel-space models
     noise_schedule: str = "linear"  # the process the model was trained with
     diffusion_steps: int = 1000
+    # Transport models (docs/transport.md): how a .pt file is read ("sit" / "repa": SiT's time),
+    # and the run's path / prediction (None: the workdir's config, else Linear / velocity).
+    kind: str = "dit"
+    path_type: str | None = None
+    prediction: str | None = None
 
     def __post_init__(self):
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {self.sampler!r}; one of {SAMPLERS}")
+        if self.sampler not in SAMPLERS + TRANSPORT_SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; one of "
+                             f"{SAMPLERS + TRANSPORT_SAMPLERS}")
+        if self.kind not in CHECKPOINT_KINDS:
+            raise ValueError(f"unknown checkpoint kind {self.kind!r}; one of {CHECKPOINT_KINDS}")
+        if self.kind != "dit" and self.sampler in SAMPLERS:
+            raise ValueError(f"a {self.kind} checkpoint is a flow model: sample it with a "
+                             f"transport sampler, one of {TRANSPORT_SAMPLERS}")
         if self.guidance_channels not in GUIDANCE_CHANNELS:
             raise ValueError(f"guidance_channels must be one of {GUIDANCE_CHANNELS}, got "
                              f"{self.guidance_channels!r}")
@@ -114,24 +129,50 @@ def diffusion_for(sampler: str, steps: int, *, learn_sigma: bool = True,
                                  diffusion_steps=diffusion_steps)
 
 
+def transport_for(request: SampleRequest) -> flow.Transport | None:
+    """The transport of a transport sampler (None for the diffusion samplers): path and
+    prediction as requested, else those of the train.py run whose workdir is request.ckpt (its
+    config.json), else SiT's Linear / velocity. A workdir trained with the other objective is an
+    error."""
+    wants_transport = request.sampler in TRANSPORT_SAMPLERS
+    run = {}
+    config_file = Path(request.ckpt) / "config.json"  # a train.py workdir's resolved config
+    if config_file.is_file():
+        found = json.loads(config_file.read_text())
+        if isinstance(found, dict) and "optim" in found:  # not a diffusers config.json
+            run = found
+            objective = run.get("objective", "diffusion")
+            if wants_transport != (objective == "transport"):
+                names = TRANSPORT_SAMPLERS if objective == "transport" else SAMPLERS
+                raise ValueError(f"{request.ckpt} was trained with objective={objective!r}: "
+                                 f"--sampler {request.sampler} does not fit it; use one of {names}")
+    if not wants_transport:
+        return None
+    settings = run.get("transport", {})
+    return flow.create_transport(request.path_type or settings.get("path_type", "Linear"),
+                                 request.prediction or settings.get("prediction", "velocity"))
+
+
 def _sample_loop(sampler: str) -> Callable:
     return {"ddpm": diff.p_sample_loop, "ddim": diff.ddim_sample_loop,
             "dpm++": diff.dpmpp_2m_sample_loop}[sampler]
 
 
-def guided_model_fn(model: DiT, labels: jax.Array, cfg_scale: float, guidance_channels: str):
+def guided_model_fn(model: DiT, labels: jax.Array, cfg_scale: float, guidance_channels: str,
+                    *, sit: bool = False):
     """model_fn(x, t) of the samplers: the DiT with classifier-free guidance (none at scale 1 or
-    for an unconditional model)."""
+    for an unconditional model). `sit`: read as a SiT (float t in [0, 1], first channels)."""
     cfg = model.config
 
     def model_fn(x, t, y):
-        return model(x, t, y)
+        return sit_forward(model, x, t, y) if sit else model(x, t, y)
 
     if cfg.num_classes == 0 or cfg_scale == 1.0:
         return lambda x, t: model_fn(x, t, labels)
     channels = min(3, cfg.in_channels) if guidance_channels == "3" else None
     return diff.classifier_free_guidance(model_fn, labels, cfg_scale, null_label=model.null_label,
-                                         guide_channels=channels)
+                                         guide_channels=channels,
+                                         time_dtype=None if sit else jnp.int32)
 
 
 def to_uint8(images: jax.Array) -> jax.Array:
@@ -179,13 +220,20 @@ class ChunkSampler:
                  sampler: str = "ddpm", steps: int = 250, cfg_scale: float = 4.0,
                  guidance_channels: str = "3", decoder: Decoder | None = None,
                  clip_denoised: bool = False, noise_schedule: str = "linear",
-                 diffusion_steps: int = 1000):
-        if sampler not in SAMPLERS:
+                 diffusion_steps: int = 1000, transport: flow.Transport | None = None):
+        if transport is not None:
+            if sampler not in flow.TRANSPORT_SAMPLERS:
+                raise ValueError(f"unknown transport sampler {sampler!r}; one of "
+                                 f"{sorted(flow.TRANSPORT_SAMPLERS)}")
+            if clip_denoised:
+                raise ValueError("clip_denoised is for the diffusion samplers; a transport model "
+                                 "samples unclipped")
+        elif sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; one of {SAMPLERS}")
         self.mesh = mesh
         # Every device gets an equal slice; padding rows are generated and thrown away.
         self.padded = math.ceil(batch_size / mesh.size) * mesh.size
-        sample_loop = _sample_loop(sampler)
+        sample_loop = _sample_loop(sampler) if transport is None else None
         rows = batch_sharding(mesh, 4)
         self.weight_shardings = state_shardings(weights, mesh)
         vae_graphdef = vae_shardings = self.vae_weights = None
@@ -203,15 +251,20 @@ class ChunkSampler:
             noise_key, step_key = jax.random.split(key)
             x_T = jax.lax.with_sharding_constraint(
                 jax.random.normal(noise_key, (self.padded, height, width, cfg.in_channels)), rows)
-            model_fn = guided_model_fn(dit, labels, cfg_scale, guidance_channels)
-            if clip_denoised:
-                model_fn = clip_denoised_fn(model_fn, diff.create_diffusion(
-                    "", noise_schedule=noise_schedule, diffusion_steps=diffusion_steps),
-                    cfg.in_channels)
-            diffusion = diffusion_for(sampler, steps, learn_sigma=cfg.learn_sigma,
-                                      noise_schedule=noise_schedule,
-                                      diffusion_steps=diffusion_steps)
-            x = sample_loop(diffusion, model_fn, x_T, step_key)
+            if transport is not None:  # SiT's convention: t in [0, 1], the first channels
+                model_fn = guided_model_fn(dit, labels, cfg_scale, guidance_channels, sit=True)
+                x = flow.TRANSPORT_SAMPLERS[sampler](transport, model_fn, num_steps=steps)(
+                    x_T, step_key)
+            else:
+                model_fn = guided_model_fn(dit, labels, cfg_scale, guidance_channels)
+                if clip_denoised:
+                    model_fn = clip_denoised_fn(model_fn, diff.create_diffusion(
+                        "", noise_schedule=noise_schedule, diffusion_steps=diffusion_steps),
+                        cfg.in_channels)
+                diffusion = diffusion_for(sampler, steps, learn_sigma=cfg.learn_sigma,
+                                          noise_schedule=noise_schedule,
+                                          diffusion_steps=diffusion_steps)
+                x = sample_loop(diffusion, model_fn, x_T, step_key)
             if decoder is not None:
                 x = decoder.decode(nnx.merge(vae_graphdef, vae_weights), x)
             return to_uint8(x) if writes_images(dit, decoder) else x.astype(jnp.float32)
@@ -382,9 +435,15 @@ def sample(request: SampleRequest, *, mesh: Mesh | None = None, model: DiT | Non
     from dit_jax.port.dit import load_any
 
     mesh = mesh if mesh is not None else make_mesh()
+    transport = transport_for(request)
     if model is None:
         numerics = {"numerics": request.numerics} if request.numerics else {}
-        model = load_any(request.ckpt, name=request.model, dtype=request.dtype, **numerics)
+        if request.kind != "dit":  # a SiT / REPA PyTorch file
+            from dit_jax.port.sit import from_torch
+            model = from_torch(request.ckpt, kind=request.kind, name=request.model,
+                               dtype=request.dtype, **numerics)
+        else:
+            model = load_any(request.ckpt, name=request.model, dtype=request.dtype, **numerics)
     cfg = model.config
     if decoder is None and request.vae.lower() != "none":
         decoder = load_vae_decoder(request.vae)
@@ -417,7 +476,8 @@ def sample(request: SampleRequest, *, mesh: Mesh | None = None, model: DiT | Non
                 seed=request.seed, sampler=request.sampler, steps=request.steps,
                 cfg_scale=request.cfg_scale, guidance_channels=request.guidance_channels,
                 decoder=decoder, clip_denoised=request.clip_denoised,
-                noise_schedule=request.noise_schedule, diffusion_steps=request.diffusion_steps)
+                noise_schedule=request.noise_schedule, diffusion_steps=request.diffusion_steps,
+                transport=transport)
             weights = sampler.place(tuple(host_weights))
         labels = chunk_labels(request, cfg.num_classes, chunk)
         samples = sampler(chunk, labels, weights)

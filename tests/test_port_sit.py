@@ -168,3 +168,25 @@ def test_repa_sampling_equals_sit_time_sampling(tmp_path):
     np.testing.assert_allclose(ours, want, rtol=1e-4, atol=1e-4)
     unguided = _repa_euler_maruyama(repa, x64, y, steps, noises)
     assert np.abs(want - unguided).max() > 1e-3  # the guidance really acted
+
+
+def test_sample_py_reads_a_repa_file(tmp_path):
+    from dit_jax.sampling import SampleRequest, sample
+
+    # hidden 384: a width whose head count the loader knows (the file does not say it)
+    repa = random_dit(seed=4, learn_sigma=False, depth=1, hidden_size=384, patch_size=2,
+                      input_size=8, num_classes=10)
+    sd = to_torch(repa)
+    sd["projectors.0.0.weight"] = torch.ones(8, 384)
+    torch.save(sd, tmp_path / "last.pt")
+    request = dict(ckpt=str(tmp_path / "last.pt"), vae="none", labels=(1, 2), steps=3,
+                   cfg_scale=1.8, guidance_channels="all")
+    written = sample(SampleRequest(**request, kind="repa", sampler="sde-euler",
+                                   out=str(tmp_path / "out")))
+    latents = np.load(written["chunks"] / "000000.npz")["samples"]
+    assert latents.shape == (2, 8, 8, 4) and np.isfinite(latents).all() and latents.std() > 0.1
+    assert written["labels"].tolist() == [1, 2]
+    with pytest.raises(ValueError, match="kind='repa'"):
+        sample(SampleRequest(**request, sampler="sde-euler", out=str(tmp_path / "as_dit")))
+    with pytest.raises(ValueError, match="transport sampler"):
+        SampleRequest(**request, kind="repa", sampler="ddpm")

@@ -70,7 +70,7 @@ def toy_model_jax(x, t):
 
 
 def test_create_transport_eps_and_intervals():
-    assert T.create_transport() == T.Transport("Linear", "velocity", None, 0.0, 0.0)
+    assert T.create_transport() == T.Transport("Linear", "velocity", None, 0.0, 0.0, "uniform")
     # velocity with Linear/GVP ignores given eps (as released)
     assert T.create_transport("GVP", train_eps=0.1).train_eps == 0.0
     vp = T.create_transport("VP", "velocity")
@@ -141,7 +141,7 @@ def test_sample_t():
     u = np.asarray(T.sample_t(T.create_transport("Linear", "noise"), key, 20000))
     assert u.min() >= 1e-3 and u.max() < 1 - 1e-3
     assert abs(u.mean() - 0.5) < 0.01
-    ln = np.asarray(T.sample_t(T.create_transport(), key, 20000, distribution="logit_normal"))
+    ln = np.asarray(T.sample_t(T.create_transport(t_sampling="logit_normal"), key, 20000))
     logit = np.log(ln / (1 - ln))
     assert abs(logit.mean()) < 0.03 and abs(logit.std() - 1) < 0.03
     with pytest.raises(ValueError, match="distribution"):

@@ -29,23 +29,29 @@ class Transport:
     loss_weight: str | None = None
     train_eps: float = 0.0
     sample_eps: float = 0.0
+    # Not in the release: how training draws t ("uniform" as released, or "logit_normal").
+    t_sampling: str = "uniform"
 
 
 def create_transport(path_type: str = "Linear", prediction: str = "velocity",
                      loss_weight: str | None = None, train_eps: float | None = None,
-                     sample_eps: float | None = None) -> Transport:
+                     sample_eps: float | None = None, *, t_sampling: str = "uniform"
+                     ) -> Transport:
     """A Transport with the released eps defaults.
 
     VP: train_eps 1e-5, sample_eps 1e-3. Linear/GVP with a noise or score prediction: 1e-3 and
     1e-3 (those are singular at the ends). Velocity with Linear/GVP is regular on all of [0, 1]: both
     eps are 0 whatever is passed (as released). A given train_eps keeps the given sample_eps; the
-    release then leaves sample_eps unset, here it falls back to the default.
+    release then leaves sample_eps unset, here it falls back to the default. `t_sampling` (not
+    in the release) is the default distribution of `sample_t`.
     """
     paths.check_path_type(path_type)
     if prediction not in PREDICTIONS:
         raise ValueError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
     if loss_weight not in LOSS_WEIGHTS:
         raise ValueError(f"unknown loss_weight {loss_weight!r}; choose one of {LOSS_WEIGHTS}")
+    if t_sampling not in T_SAMPLING:
+        raise ValueError(f"unknown t_sampling {t_sampling!r}; choose one of {T_SAMPLING}")
     if path_type == "VP":
         defaults = (1e-5, 1e-3)
     elif prediction != "velocity":
@@ -57,7 +63,7 @@ def create_transport(path_type: str = "Linear", prediction: str = "velocity",
     else:
         train_eps = defaults[0] if train_eps is None else float(train_eps)
         sample_eps = defaults[1] if sample_eps is None else float(sample_eps)
-    return Transport(path_type, prediction, loss_weight, train_eps, sample_eps)
+    return Transport(path_type, prediction, loss_weight, train_eps, sample_eps, t_sampling)
 
 
 def interval(transport: Transport, *, sde: bool = False, eval: bool = False,
@@ -81,12 +87,13 @@ def interval(transport: Transport, *, sde: bool = False, eval: bool = False,
     return t0, t1
 
 
-def sample_t(transport: Transport, key: jax.Array, n: int, *, distribution: str = "uniform",
+def sample_t(transport: Transport, key: jax.Array, n: int, *, distribution: str | None = None,
              loc: float = 0.0, scale: float = 1.0, dtype=jnp.float32) -> jax.Array:
-    """Training times (n,): "uniform" on [t0, t1) as released, or "logit_normal" (not in the
-    release): sigmoid(loc + scale·N(0, 1)) mapped onto [t0, t1] (REPA's "lognormal" weighting,
+    """Training times (n,) drawn from `distribution` (default: the transport's t_sampling):
+    "uniform" on [t0, t1) as released, or "logit_normal" (not in the release): sigmoid(loc + scale·N(0, 1)) mapped onto [t0, t1] (REPA's "lognormal" weighting,
     σ = e^N and t = σ/(1+σ), is this with loc 0, scale 1, by symmetry in either time direction)."""
     t0, t1 = interval(transport)
+    distribution = distribution or transport.t_sampling
     if distribution == "uniform":
         u = jax.random.uniform(key, (n,), dtype)
     elif distribution == "logit_normal":
