@@ -9,8 +9,8 @@
     python sample.py --ckpt runs/demo --vae none --labels 0,1,2,3 --sampler ddim --steps 50
     # SiT / REPA weights or a run trained with --config.objective=transport (docs/transport.md)
     python sample.py --ckpt SiT-XL-2-256x256.pt --kind sit --sampler sde-euler --cfg-scale 1.5
-    python sample.py --ckpt last.pt --kind repa --sampler sde-euler --cfg-scale 1.8 \
-        --guidance-channels all
+    python sample.py --ckpt last.pt --kind repa --sampler sde-euler --cfg-scale 1.8 \\
+        --guidance-channels all --guidance-interval 0.3,1
 
 --ckpt is anything `dit_jax.port.load_any` reads: an official .pt, a .safetensors file, a diffusers
 folder or hub id, a dit_jax model checkpoint directory, or a train.py workdir. Runs resume: chunks
@@ -37,6 +37,9 @@ flags.DEFINE_integer("batch_size", 32, "global batch per chunk, split over all d
 flags.DEFINE_float("cfg_scale", 4.0, "classifier-free guidance scale (1: none)")
 flags.DEFINE_enum("guidance_channels", "3", list(GUIDANCE_CHANNELS),
                   "guide 3 ε channels (the released DiT) or all of them")
+flags.DEFINE_list("guidance_interval", None,
+                  "lo,hi: guide only for lo <= t <= hi in the model's time (flow models: t in "
+                  "[0, 1], 0 noise; REPA's protocol is 0.3,1; DiT: timesteps 0..999)")
 flags.DEFINE_enum("sampler", "ddpm", list(SAMPLERS + TRANSPORT_SAMPLERS),
                   "sampler: ddpm/ddim/dpm++ for DiT's diffusion, ode-*/sde-* for flow models")
 flags.DEFINE_integer("steps", 250, "sampling steps")
@@ -80,6 +83,15 @@ def request_from_flags() -> SampleRequest:
             labels = tuple(int(label) for label in FLAGS.labels)
         except ValueError:
             raise app.UsageError(f"--labels must be integers, got {','.join(FLAGS.labels)}")
+    interval = None
+    if FLAGS.guidance_interval:
+        try:
+            interval = tuple(float(v) for v in FLAGS.guidance_interval)
+        except ValueError:
+            interval = ()
+        if len(interval) != 2 or interval[0] > interval[1]:
+            raise app.UsageError(f"--guidance-interval must be lo,hi with lo <= hi, got "
+                                 f"{','.join(FLAGS.guidance_interval)}")
     return SampleRequest(
         ckpt=FLAGS.ckpt, model=FLAGS.model, image_size=FLAGS.image_size, vae=FLAGS.vae,
         labels=labels, num_samples=FLAGS.num_samples, batch_size=FLAGS.batch_size,
@@ -87,7 +99,8 @@ def request_from_flags() -> SampleRequest:
         sampler=FLAGS.sampler, steps=FLAGS.steps, seed=FLAGS.seed, out=FLAGS.out, npz=FLAGS.npz,
         dtype=FLAGS.dtype, numerics=FLAGS.numerics, clip_denoised=FLAGS.clip_denoised,
         noise_schedule=FLAGS.noise_schedule, diffusion_steps=FLAGS.diffusion_steps,
-        kind=FLAGS.kind, path_type=FLAGS.path_type, prediction=FLAGS.prediction)
+        kind=FLAGS.kind, path_type=FLAGS.path_type, prediction=FLAGS.prediction,
+        guidance_interval=interval)
 
 
 def main(argv):

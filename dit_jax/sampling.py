@@ -67,6 +67,9 @@ class SampleRequest:
     batch_size: int = 32  # global, per chunk
     cfg_scale: float = 4.0
     guidance_channels: str = "3"  # "3": the released form; "all": every ε channel
+    # Guide only for lo <= t <= hi in the model's time (transport: t in [0, 1], REPA's protocol is
+    # (0.3, 1.0); diffusion: original timesteps). None: every step.
+    guidance_interval: tuple[float, float] | None = None
     sampler: str = "ddpm"
     steps: int = 250
     seed: int = 0
@@ -129,6 +132,9 @@ def diffusion_for(sampler: str, steps: int, *, learn_sigma: bool = True,
                                  diffusion_steps=diffusion_steps)
 
 
+DEFAULT_REQUEST = {f.name: f.default for f in dataclasses.fields(SampleRequest)}
+
+
 def transport_for(request: SampleRequest) -> flow.Transport | None:
     """The transport of a transport sampler (None for the diffusion samplers): path and
     prediction as requested, else those of the train.py run whose workdir is request.ckpt (its
@@ -159,7 +165,7 @@ def _sample_loop(sampler: str) -> Callable:
 
 
 def guided_model_fn(model: DiT, labels: jax.Array, cfg_scale: float, guidance_channels: str,
-                    *, sit: bool = False):
+                    *, sit: bool = False, interval: tuple[float, float] | None = None):
     """model_fn(x, t) of the samplers: the DiT with classifier-free guidance (none at scale 1 or
     for an unconditional model). `sit`: read as a SiT (float t in [0, 1], first channels)."""
     cfg = model.config
@@ -171,7 +177,7 @@ def guided_model_fn(model: DiT, labels: jax.Array, cfg_scale: float, guidance_ch
         return lambda x, t: model_fn(x, t, labels)
     channels = min(3, cfg.in_channels) if guidance_channels == "3" else None
     return diff.classifier_free_guidance(model_fn, labels, cfg_scale, null_label=model.null_label,
-                                         guide_channels=channels,
+                                         guide_channels=channels, interval=interval,
                                          time_dtype=None if sit else jnp.int32)
 
 
@@ -219,6 +225,7 @@ class ChunkSampler:
     def __init__(self, graphdef, weights: tuple, *, mesh: Mesh, batch_size: int, seed: int,
                  sampler: str = "ddpm", steps: int = 250, cfg_scale: float = 4.0,
                  guidance_channels: str = "3", decoder: Decoder | None = None,
+                 guidance_interval: tuple[float, float] | None = None,
                  clip_denoised: bool = False, noise_schedule: str = "linear",
                  diffusion_steps: int = 1000, transport: flow.Transport | None = None):
         if transport is not None:
@@ -252,11 +259,13 @@ class ChunkSampler:
             x_T = jax.lax.with_sharding_constraint(
                 jax.random.normal(noise_key, (self.padded, height, width, cfg.in_channels)), rows)
             if transport is not None:  # SiT's convention: t in [0, 1], the first channels
-                model_fn = guided_model_fn(dit, labels, cfg_scale, guidance_channels, sit=True)
+                model_fn = guided_model_fn(dit, labels, cfg_scale, guidance_channels, sit=True,
+                                           interval=guidance_interval)
                 x = flow.TRANSPORT_SAMPLERS[sampler](transport, model_fn, num_steps=steps)(
                     x_T, step_key)
             else:
-                model_fn = guided_model_fn(dit, labels, cfg_scale, guidance_channels)
+                model_fn = guided_model_fn(dit, labels, cfg_scale, guidance_channels,
+                                           interval=guidance_interval)
                 if clip_denoised:
                     model_fn = clip_denoised_fn(model_fn, diff.create_diffusion(
                         "", noise_schedule=noise_schedule, diffusion_steps=diffusion_steps),
@@ -461,6 +470,11 @@ def sample(request: SampleRequest, *, mesh: Mesh | None = None, model: DiT | Non
     out = Path(request.out)
     settings = {k: v for k, v in dataclasses.asdict(request).items() if k not in ("out", "npz")}
     settings["labels"] = list(request.labels) if request.labels is not None else None
+    if request.guidance_interval is not None:  # as JSON reads it back
+        settings["guidance_interval"] = list(request.guidance_interval)
+    for key in ("kind", "path_type", "prediction", "guidance_interval"):
+        if settings[key] == DEFAULT_REQUEST[key]:
+            del settings[key]  # absent at their defaults: chunks made before them still resume
     store = ChunkStore(out / "chunks", settings)
     chunks = range(request.num_chunks)
     todo = [c for c in chunks if not store.done(c)]
@@ -475,6 +489,7 @@ def sample(request: SampleRequest, *, mesh: Mesh | None = None, model: DiT | Non
                 graphdef, tuple(host_weights), mesh=mesh, batch_size=request.batch_size,
                 seed=request.seed, sampler=request.sampler, steps=request.steps,
                 cfg_scale=request.cfg_scale, guidance_channels=request.guidance_channels,
+                guidance_interval=request.guidance_interval,
                 decoder=decoder, clip_denoised=request.clip_denoised,
                 noise_schedule=request.noise_schedule, diffusion_steps=request.diffusion_steps,
                 transport=transport)

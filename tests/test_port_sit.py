@@ -182,7 +182,7 @@ def test_sample_py_reads_a_repa_file(tmp_path):
     request = dict(ckpt=str(tmp_path / "last.pt"), vae="none", labels=(1, 2), steps=3,
                    cfg_scale=1.8, guidance_channels="all")
     written = sample(SampleRequest(**request, kind="repa", sampler="sde-euler",
-                                   out=str(tmp_path / "out")))
+                                   guidance_interval=(0.3, 1.0), out=str(tmp_path / "out")))
     latents = np.load(written["chunks"] / "000000.npz")["samples"]
     assert latents.shape == (2, 8, 8, 4) and np.isfinite(latents).all() and latents.std() > 0.1
     assert written["labels"].tolist() == [1, 2]
