@@ -449,6 +449,10 @@ def sample(request: SampleRequest, *, mesh: Mesh | None = None, model: DiT | Non
         numerics = {"numerics": request.numerics} if request.numerics else {}
         if request.kind != "dit":  # a SiT / REPA PyTorch file
             from dit_jax.port.sit import from_torch
+            if Path(request.ckpt).is_dir():
+                raise ValueError(f"--kind {request.kind} reads a PyTorch file, and {request.ckpt} "
+                                 f"is a directory (a workdir or dit_jax checkpoint is already in "
+                                 f"SiT's convention): drop --kind")
             model = from_torch(request.ckpt, kind=request.kind, name=request.model,
                                dtype=request.dtype, **numerics)
         else:

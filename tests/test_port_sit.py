@@ -190,3 +190,19 @@ def test_sample_py_reads_a_repa_file(tmp_path):
         sample(SampleRequest(**request, sampler="sde-euler", out=str(tmp_path / "as_dit")))
     with pytest.raises(ValueError, match="transport sampler"):
         SampleRequest(**request, kind="repa", sampler="ddpm")
+
+
+def test_port_cli_repa_round_trip(tmp_path):
+    from dit_jax.port.__main__ import main as port_main
+
+    _, path = _repa_file(tmp_path)
+    assert port_main(["to-jax", str(path), str(tmp_path / "jax"), "--kind", "repa",
+                      "--num-heads", "2"]) == 0
+    assert port_main(["to-torch", str(tmp_path / "jax"), str(tmp_path / "back.pt"), "--kind",
+                      "repa"]) == 0
+    back = torch.load(tmp_path / "back.pt")
+    original = torch.load(path, weights_only=False)["ema"]
+    for key, value in back.items():
+        np.testing.assert_allclose(value.numpy(), original[key].numpy(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="kind='repa'"):
+        port_main(["to-jax", str(path), str(tmp_path / "as_dit"), "--num-heads", "2"])
