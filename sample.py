@@ -7,11 +7,16 @@
     python sample.py --ckpt DiT-XL-2-256x256.pt --labels 207,360,387,974,88,979,417,279
     # a pixel-space model trained with train.py (its config.json says: no VAE, clip x0)
     python sample.py --ckpt runs/demo --labels 0,1,2,3 --sampler ddim --steps 50
+    # SiT / REPA weights or a run trained with --config.objective=transport (docs/transport.md)
+    python sample.py --ckpt SiT-XL-2-256x256.pt --kind sit --sampler sde-euler --cfg-scale 1.5
+    python sample.py --ckpt last.pt --kind repa --sampler sde-euler --cfg-scale 1.8 \\
+        --guidance-channels all --guidance-interval 0.3,1
 
 --ckpt is anything `dit_jax.port.load_any` reads: an official .pt, a .safetensors file, a diffusers
 folder or hub id, a dit_jax model checkpoint directory, or a train.py workdir. A workdir's own
 config.json supplies the defaults of --vae (none for a pixel-space run), --image-size,
---clip-denoised, --noise-schedule and --diffusion-steps; flags given explicitly win. Runs resume: chunks
+--clip-denoised, --noise-schedule and --diffusion-steps (and, for a run trained with the
+transport objective, --sampler, --path-type and --prediction); flags given explicitly win. Runs resume: chunks
 already in OUT/chunks/ are not sampled again. On a pod, run the same command on every host: the
 samples are split over all devices of all hosts and host 0 writes the files (OUT must be on a
 shared file system). See dit_jax/sampling.py.
@@ -22,8 +27,8 @@ from absl import app, flags, logging
 from dit_jax.distributed import initialize_distributed
 from dit_jax.port.dit import DOWNLOAD_HELP
 from dit_jax.samplers import ALIASES
-from dit_jax.sampling import (DEFAULT_VAE, GUIDANCE_CHANNELS, RUN_SETTINGS, SAMPLERS,
-                              SampleRequest, run_settings, sample)
+from dit_jax.sampling import (CHECKPOINT_KINDS, DEFAULT_VAE, GUIDANCE_CHANNELS, RUN_SETTINGS,
+                              SAMPLERS, TRANSPORT_SAMPLERS, SampleRequest, run_settings, sample)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("ckpt", None, "DiT weights: file, folder, workdir or hub id")
@@ -38,8 +43,12 @@ flags.DEFINE_integer("batch_size", 32, "global batch per chunk, split over all d
 flags.DEFINE_float("cfg_scale", 4.0, "classifier-free guidance scale (1: none)")
 flags.DEFINE_enum("guidance_channels", "3", list(GUIDANCE_CHANNELS),
                   "guide 3 ε channels (the released DiT) or all of them")
-flags.DEFINE_enum("sampler", "ddpm", [*SAMPLERS, *ALIASES],
-                  f"sampler (dit_jax.samplers; older spellings: {ALIASES})")
+flags.DEFINE_list("guidance_interval", None,
+                  "lo,hi: guide only for lo <= t <= hi in the model's time (flow models: t in "
+                  "[0, 1], 0 noise; REPA's protocol is 0.3,1; DiT: timesteps 0..999)")
+flags.DEFINE_enum("sampler", "ddpm", [*SAMPLERS, *TRANSPORT_SAMPLERS, *ALIASES],
+                  f"sampler (dit_jax.samplers): {'/'.join(SAMPLERS)} for DiT's diffusion, "
+                  f"ode-*/sde-* for flow models; older spellings: {ALIASES}")
 flags.DEFINE_integer("steps", 250, "sampling steps")
 flags.DEFINE_integer("seed", 0, "random seed")
 flags.DEFINE_string("out", "samples", "output directory: grid.png, samples/, chunks/")
@@ -51,6 +60,12 @@ flags.DEFINE_enum("numerics", None, ["official", "diffusers"],
 flags.DEFINE_bool("clip_denoised", False, "clip x0 to [-1, 1] at each step (pixel-space models)")
 flags.DEFINE_string("noise_schedule", "linear", "the noise schedule the model was trained with")
 flags.DEFINE_integer("diffusion_steps", 1000, "the diffusion steps the model was trained with")
+flags.DEFINE_enum("kind", "dit", list(CHECKPOINT_KINDS),
+                  "a .pt file's kind: dit, sit or repa (REPA's reversed time is converted)")
+flags.DEFINE_enum("path_type", None, ["Linear", "GVP", "VP"],
+                  "transport path (default: the workdir's run, else Linear)")
+flags.DEFINE_enum("prediction", None, ["velocity", "noise", "score"],
+                  "transport prediction (default: the workdir's run, else velocity)")
 flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                   "call jax.distributed.initialize: auto = when launched as several processes")
 
@@ -74,6 +89,15 @@ def request_from_flags() -> SampleRequest:
             labels = tuple(int(label) for label in FLAGS.labels)
         except ValueError:
             raise app.UsageError(f"--labels must be integers, got {','.join(FLAGS.labels)}")
+    interval = None
+    if FLAGS.guidance_interval:
+        try:
+            interval = tuple(float(v) for v in FLAGS.guidance_interval)
+        except ValueError:
+            interval = ()
+        if len(interval) != 2 or interval[0] > interval[1]:
+            raise app.UsageError(f"--guidance-interval must be lo,hi with lo <= hi, got "
+                                 f"{','.join(FLAGS.guidance_interval)}")
     settings = {name: FLAGS[name].value for name in RUN_SETTINGS}
     # A train.py workdir's own settings replace the defaults of the flags not given.
     recorded = {k: v for k, v in run_settings(FLAGS.ckpt).items() if not FLAGS[k].present}
@@ -84,9 +108,9 @@ def request_from_flags() -> SampleRequest:
     return SampleRequest(
         ckpt=FLAGS.ckpt, model=FLAGS.model, labels=labels, num_samples=FLAGS.num_samples,
         batch_size=FLAGS.batch_size, cfg_scale=FLAGS.cfg_scale,
-        guidance_channels=FLAGS.guidance_channels, sampler=FLAGS.sampler, steps=FLAGS.steps,
-        seed=FLAGS.seed, out=FLAGS.out, npz=FLAGS.npz, dtype=FLAGS.dtype,
-        numerics=FLAGS.numerics, **settings)
+        guidance_channels=FLAGS.guidance_channels, steps=FLAGS.steps, seed=FLAGS.seed,
+        out=FLAGS.out, npz=FLAGS.npz, dtype=FLAGS.dtype, numerics=FLAGS.numerics,
+        kind=FLAGS.kind, guidance_interval=interval, **settings)
 
 
 def main(argv):

@@ -46,6 +46,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.diffusion.noise_schedule = "linear"
     c.diffusion.diffusion_steps = 1000
 
+    # "diffusion": the official DiT objective; "transport": SiT's flow matching (docs/transport.md)
+    c.objective = "diffusion"
+    c.transport = ml_collections.ConfigDict()
+    c.transport.path_type = "Linear"  # "Linear" | "GVP" | "VP"
+    c.transport.prediction = "velocity"  # "velocity" | "noise" | "score"
+    c.transport.loss_weight = "none"  # "none" | "velocity" | "likelihood" (noise/score only)
+    c.transport.t_sampling = "uniform"  # "uniform" (as released) | "logit_normal"
+    c.transport.sampler = "ode-heun"  # the sample grids' sampler (steps: sample.steps)
+
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-4
     c.optim.b1 = 0.9

@@ -3,7 +3,8 @@ configs (`sample.sampler`) and editing.
 
 A sampler is a `SamplerSpec`:
 
-    name             its one name everywhere ("ddpm", "ddim", "dpm++")
+    name             its one name everywhere ("ddpm", "ddim", "dpm++"; for flow models
+                     "ode-euler", "ode-heun", "ode-dopri5", "sde-euler", "sde-heun")
     family           "diffusion": built from a `GaussianDiffusion`; "transport": from a
                      flow-matching transport object
     build            build(process, model_fn, **options) -> a `Solver` (`dit_jax.diffusion.solver`,
@@ -25,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Literal
 
+from dit_jax import transport
 from dit_jax.diffusion import dpm_solver, gaussian, solver
 
 
@@ -86,6 +88,24 @@ register(SamplerSpec(
     "dpm++", "diffusion", lambda d, f: dpm_solver.dpmpp_2m_solver(d, f),
     default_spacing=lambda steps: f"logsnr{steps}", stochastic=False,
     description="DPM-Solver++(2M) on a grid uniform in log-SNR"))
+
+
+# Flow-matching samplers (dit_jax.transport, docs/transport.md): built from a Transport with the
+# number of steps as an option (a transport has no respacing).
+def _transport(name: str, builder: Callable, method: str, stochastic: bool, description: str):
+    register(SamplerSpec(
+        name, "transport",
+        lambda tr, f, steps=50, **options: builder(tr, f, method=method, num_steps=steps, **options),
+        default_spacing=lambda steps: None, stochastic=stochastic, description=description))
+
+
+_transport("ode-euler", transport.make_ode_sampler, "euler", False, "ODE, fixed-grid Euler")
+_transport("ode-heun", transport.make_ode_sampler, "heun2", False, "ODE, fixed-grid Heun")
+_transport("ode-dopri5", transport.make_ode_sampler, "dopri5", False,
+           "ODE, adaptive dopri5 (diffrax; steps ignored, atol/rtol options)")
+_transport("sde-euler", transport.make_sde_sampler, "Euler", True,
+           "SDE, Euler-Maruyama with the released last step (REPA's protocol)")
+_transport("sde-heun", transport.make_sde_sampler, "Heun", True, "SDE, Heun")
 
 
 __all__ = ["ALIASES", "SAMPLERS", "SamplerSpec", "get_sampler", "make_solver", "register",

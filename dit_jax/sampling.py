@@ -35,11 +35,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from dit_jax import diffusion as diff
+from dit_jax import transport as flow
 from dit_jax.checkpoint import read_run_config
 from dit_jax.distributed import gather_rows
 from dit_jax.models.dit import DiT
+from dit_jax.models.sit import sit_forward
 from dit_jax.models.vae import decode_latents
 from dit_jax.port.dit import load_any
+from dit_jax.port.sit import from_torch
 from dit_jax.port.vae import load_vae
 from dit_jax.samplers import get_sampler, sample_loop, sampler_names
 from dit_jax.sharding import batch_sharding, make_mesh, place, replicated, state_shardings
@@ -47,6 +50,8 @@ from dit_jax.sharding import batch_sharding, make_mesh, place, replicated, state
 log = logging.getLogger(__name__)
 
 SAMPLERS = sampler_names("diffusion")  # the samplers a DiT runs (see dit_jax.samplers)
+TRANSPORT_SAMPLERS = sampler_names("transport")  # those of SiT / REPA / transport-trained models
+CHECKPOINT_KINDS = ("dit", "sit", "repa")
 GUIDANCE_CHANNELS = ("3", "all")
 GRID_MAX = 64
 NOISE_STREAM, LABEL_STREAM = 0, 1  # independent key streams under the run's seed
@@ -66,6 +71,9 @@ class SampleRequest:
     batch_size: int = 32  # global, per chunk
     cfg_scale: float = 4.0
     guidance_channels: str = "3"  # "3": the released form; "all": every ε channel
+    # Guide only for lo <= t <= hi in the model's time (transport: t in [0, 1], REPA's protocol is
+    # (0.3, 1.0); diffusion: original timesteps). None: every step.
+    guidance_interval: tuple[float, float] | None = None
     sampler: str = "ddpm"
     steps: int = 250
     seed: int = 0
@@ -78,9 +86,19 @@ class SampleRequest:
     clip_denoised: bool = False  # clip x̂0 to [-1, 1] each step: pixel-space models
     noise_schedule: str = "linear"  # the process the model was trained with
     diffusion_steps: int = 1000
+    # Transport models (docs/transport.md): how a .pt file is read ("sit" / "repa": SiT's time),
+    # and the run's path / prediction (None: the workdir's config, else Linear / velocity).
+    kind: str = "dit"
+    path_type: str | None = None
+    prediction: str | None = None
 
     def __post_init__(self):
-        get_sampler(self.sampler)  # an unknown name fails here, with the list of names
+        sampler = get_sampler(self.sampler)  # an unknown name fails here, with the list of names
+        if self.kind not in CHECKPOINT_KINDS:
+            raise ValueError(f"unknown checkpoint kind {self.kind!r}; one of {CHECKPOINT_KINDS}")
+        if self.kind != "dit" and sampler.family != "transport":
+            raise ValueError(f"a {self.kind} checkpoint is a flow model: sample it with a "
+                             f"transport sampler, one of {TRANSPORT_SAMPLERS}")
         if self.guidance_channels not in GUIDANCE_CHANNELS:
             raise ValueError(f"guidance_channels must be one of {GUIDANCE_CHANNELS}, got "
                              f"{self.guidance_channels!r}")
@@ -119,40 +137,68 @@ def diffusion_for(sampler: str, steps: int, *, learn_sigma: bool = True,
 
 # The SampleRequest fields a train.py workdir's config.json decides (the model config itself, e.g.
 # learn_sigma, comes with the weights).
-RUN_SETTINGS = ("vae", "image_size", "clip_denoised", "noise_schedule", "diffusion_steps")
+RUN_SETTINGS = ("vae", "image_size", "clip_denoised", "noise_schedule", "diffusion_steps",
+                "sampler", "path_type", "prediction")
 
 
 def run_settings(ckpt: str) -> dict[str, Any]:
     """What a train.py workdir's recorded run config says about sampling from it: its VAE ("none"
-    for a pixel-space run), image size, x̂0 clipping and diffusion process, as SampleRequest
+    for a pixel-space run), image size, x̂0 clipping and diffusion process (or, for a run trained
+    with the transport objective, its path, prediction and grid sampler), as SampleRequest
     fields; {} when `ckpt` is not a workdir."""
     config = read_run_config(ckpt)
     if config is None:
         return {}
     try:
-        return {"vae": config["vae"], "image_size": int(config["data"]["image_size"]),
-                "clip_denoised": bool(config["sample"]["clip_denoised"]),
-                "noise_schedule": config["diffusion"]["noise_schedule"],
-                "diffusion_steps": int(config["diffusion"]["diffusion_steps"])}
+        found = {"vae": config["vae"], "image_size": int(config["data"]["image_size"]),
+                 "clip_denoised": bool(config["sample"]["clip_denoised"]),
+                 "noise_schedule": config["diffusion"]["noise_schedule"],
+                 "diffusion_steps": int(config["diffusion"]["diffusion_steps"])}
+        if config.get("objective", "diffusion") == "transport":  # runs from before it: diffusion
+            t = config["transport"]
+            found.update(sampler=t["sampler"], path_type=t["path_type"],
+                         prediction=t["prediction"], clip_denoised=False)
+        return found
     except (KeyError, TypeError) as err:
         raise ValueError(f"{ckpt}/config.json lacks {err} (not written by this train.py?); pass "
                          f"--vae/--image-size/--clip-denoised/--noise-schedule/--diffusion-steps "
                          f"instead") from None
 
 
-def guided_model_fn(model: DiT, labels: jax.Array, cfg_scale: float, guidance_channels: str):
+DEFAULT_REQUEST = {f.name: f.default for f in dataclasses.fields(SampleRequest)}
+
+
+def transport_for(request: SampleRequest) -> flow.Transport | None:
+    """The transport of a transport sampler (None for the diffusion samplers), with the requested
+    path and prediction (default SiT's Linear / velocity). A train.py workdir trained with the
+    other objective is an error."""
+    family = get_sampler(request.sampler).family
+    run = read_run_config(request.ckpt) or {}
+    objective = run.get("objective", "diffusion") if run else None
+    if objective is not None and (family == "transport") != (objective == "transport"):
+        names = TRANSPORT_SAMPLERS if objective == "transport" else SAMPLERS
+        raise ValueError(f"{request.ckpt} was trained with objective={objective!r}: "
+                         f"--sampler {request.sampler} does not fit it; use one of {names}")
+    if family != "transport":
+        return None
+    return flow.create_transport(request.path_type or "Linear", request.prediction or "velocity")
+
+
+def guided_model_fn(model: DiT, labels: jax.Array, cfg_scale: float, guidance_channels: str,
+                    *, sit: bool = False, interval: tuple[float, float] | None = None):
     """model_fn(x, t) of the samplers: the DiT with classifier-free guidance (none at scale 1 or
-    for an unconditional model)."""
+    for an unconditional model). `sit`: read as a SiT (float t in [0, 1], first channels)."""
     cfg = model.config
 
     def model_fn(x, t, y):
-        return model(x, t, y)
+        return sit_forward(model, x, t, y) if sit else model(x, t, y)
 
     if cfg.num_classes == 0 or cfg_scale == 1.0:
         return lambda x, t: model_fn(x, t, labels)
     channels = min(3, cfg.in_channels) if guidance_channels == "3" else None
     return diff.classifier_free_guidance(model_fn, labels, cfg_scale, null_label=model.null_label,
-                                         guide_channels=channels)
+                                         guide_channels=channels, interval=interval,
+                                         time_dtype=None if sit else jnp.int32)
 
 
 def to_uint8(images: jax.Array) -> jax.Array:
@@ -198,10 +244,16 @@ class ChunkSampler:
     def __init__(self, graphdef, weights: tuple, *, mesh: Mesh, batch_size: int, seed: int,
                  sampler: str = "ddpm", steps: int = 250, cfg_scale: float = 4.0,
                  guidance_channels: str = "3", decoder: Decoder | None = None,
+                 guidance_interval: tuple[float, float] | None = None,
                  clip_denoised: bool = False, noise_schedule: str = "linear",
-                 diffusion_steps: int = 1000):
-        if get_sampler(sampler).family != "diffusion":
-            raise ValueError(f"sampler {sampler!r} needs a transport, not a diffusion model")
+                 diffusion_steps: int = 1000, transport: flow.Transport | None = None):
+        family = get_sampler(sampler).family
+        if family != ("transport" if transport is not None else "diffusion"):
+            raise ValueError(f"sampler {sampler!r} is a {family} sampler: it needs "
+                             f"{'a transport' if family == 'transport' else 'a diffusion model'}")
+        if transport is not None and clip_denoised:
+            raise ValueError("clip_denoised is for the diffusion samplers; a transport model "
+                             "samples unclipped")
         self.mesh = mesh
         # Every device gets an equal slice; padding rows are generated and thrown away.
         self.padded = math.ceil(batch_size / mesh.size) * mesh.size
@@ -222,15 +274,21 @@ class ChunkSampler:
             noise_key, step_key = jax.random.split(key)
             x_T = jax.lax.with_sharding_constraint(
                 jax.random.normal(noise_key, (self.padded, height, width, cfg.in_channels)), rows)
-            model_fn = guided_model_fn(dit, labels, cfg_scale, guidance_channels)
-            if clip_denoised:
-                model_fn = clip_denoised_fn(model_fn, diff.create_diffusion(
-                    "", noise_schedule=noise_schedule, diffusion_steps=diffusion_steps),
-                    cfg.in_channels)
-            diffusion = diffusion_for(sampler, steps, learn_sigma=cfg.learn_sigma,
-                                      noise_schedule=noise_schedule,
-                                      diffusion_steps=diffusion_steps)
-            x = sample_loop(sampler, diffusion, model_fn, x_T, step_key)
+            if transport is not None:  # SiT's convention: t in [0, 1], the first channels
+                model_fn = guided_model_fn(dit, labels, cfg_scale, guidance_channels, sit=True,
+                                           interval=guidance_interval)
+                x = sample_loop(sampler, transport, model_fn, x_T, step_key, steps=steps)
+            else:
+                model_fn = guided_model_fn(dit, labels, cfg_scale, guidance_channels,
+                                           interval=guidance_interval)
+                if clip_denoised:
+                    model_fn = clip_denoised_fn(model_fn, diff.create_diffusion(
+                        "", noise_schedule=noise_schedule, diffusion_steps=diffusion_steps),
+                        cfg.in_channels)
+                diffusion = diffusion_for(sampler, steps, learn_sigma=cfg.learn_sigma,
+                                          noise_schedule=noise_schedule,
+                                          diffusion_steps=diffusion_steps)
+                x = sample_loop(sampler, diffusion, model_fn, x_T, step_key)
             if decoder is not None:
                 x = decoder.decode(nnx.merge(vae_graphdef, vae_weights), x)
             return to_uint8(x) if writes_images(dit, decoder) else x.astype(jnp.float32)
@@ -392,9 +450,18 @@ def sample(request: SampleRequest, *, mesh: Mesh | None = None, model: DiT | Non
     """Run `request`; `mesh` defaults to every device of every host, `model` / `decoder` to what
     request.ckpt / request.vae name. Returns the paths written and the sample labels."""
     mesh = mesh if mesh is not None else make_mesh()
+    transport = transport_for(request)
     if model is None:
         numerics = {"numerics": request.numerics} if request.numerics else {}
-        model = load_any(request.ckpt, name=request.model, dtype=request.dtype, **numerics)
+        if request.kind != "dit":  # a SiT / REPA PyTorch file
+            if Path(request.ckpt).is_dir():
+                raise ValueError(f"--kind {request.kind} reads a PyTorch file, and {request.ckpt} "
+                                 f"is a directory (a workdir or dit_jax checkpoint is already in "
+                                 f"SiT's convention): drop --kind")
+            model = from_torch(request.ckpt, kind=request.kind, name=request.model,
+                               dtype=request.dtype, **numerics)
+        else:
+            model = load_any(request.ckpt, name=request.model, dtype=request.dtype, **numerics)
     cfg = model.config
     if decoder is None and request.vae.lower() != "none":
         decoder = load_vae_decoder(request.vae)
@@ -412,6 +479,11 @@ def sample(request: SampleRequest, *, mesh: Mesh | None = None, model: DiT | Non
     out = Path(request.out)
     settings = {k: v for k, v in dataclasses.asdict(request).items() if k not in ("out", "npz")}
     settings["labels"] = list(request.labels) if request.labels is not None else None
+    if request.guidance_interval is not None:  # as JSON reads it back
+        settings["guidance_interval"] = list(request.guidance_interval)
+    for key in ("kind", "path_type", "prediction", "guidance_interval"):
+        if settings[key] == DEFAULT_REQUEST[key]:
+            del settings[key]  # absent at their defaults: chunks made before them still resume
     store = ChunkStore(out / "chunks", settings)
     chunks = range(request.num_chunks)
     todo = [c for c in chunks if not store.done(c)]
@@ -426,8 +498,10 @@ def sample(request: SampleRequest, *, mesh: Mesh | None = None, model: DiT | Non
                 graphdef, tuple(host_weights), mesh=mesh, batch_size=request.batch_size,
                 seed=request.seed, sampler=request.sampler, steps=request.steps,
                 cfg_scale=request.cfg_scale, guidance_channels=request.guidance_channels,
+                guidance_interval=request.guidance_interval,
                 decoder=decoder, clip_denoised=request.clip_denoised,
-                noise_schedule=request.noise_schedule, diffusion_steps=request.diffusion_steps)
+                noise_schedule=request.noise_schedule, diffusion_steps=request.diffusion_steps,
+                transport=transport)
             weights = sampler.place(tuple(host_weights))
         labels = chunk_labels(request, cfg.num_classes, chunk)
         samples = sampler(chunk, labels, weights)

@@ -28,7 +28,10 @@ def test_registered_samplers_are_the_diffusion_loops(name, loop):
 
 
 def test_names_aliases_and_errors():
-    assert samplers.sampler_names() == ("ddpm", "ddim", "dpm++")
+    assert samplers.sampler_names("diffusion") == ("ddpm", "ddim", "dpm++")
+    assert samplers.sampler_names("transport") == ("ode-euler", "ode-heun", "ode-dopri5",
+                                                   "sde-euler", "sde-heun")
+    assert samplers.get_sampler("ode-heun").default_spacing(20) is None
     assert samplers.get_sampler("dpm++2m") is samplers.get_sampler("dpm++")
     assert samplers.get_sampler("dpm++").default_spacing(20) == "logsnr20"
     assert samplers.get_sampler("ddim").default_spacing(50) == "50"
@@ -38,24 +41,15 @@ def test_names_aliases_and_errors():
         samplers.register(samplers.get_sampler("ddim"))
 
 
-def test_a_transport_sampler_registers_with_one_entry(monkeypatch):
-    # The shape of the flow-matching samplers: built from a transport object, returning a callable.
-    monkeypatch.setattr(samplers, "SAMPLERS", dict(samplers.SAMPLERS))
+def test_transport_samplers_are_the_transport_loops():
+    # Each flow-matching entry is the transport's own sampler with the registry's `steps`.
+    from dit_jax import transport
 
-    class Line:  # x_t = (1 - t) x0 + t ε: the velocity field of a point mass at 0 is -x / t
-        steps = 4
-
-    def euler(transport, velocity, **_):
-        def sample(x, key):
-            dt = 1.0 / transport.steps
-            for i in range(transport.steps, 0, -1):
-                x = x - dt * velocity(x, jnp.full((x.shape[0],), i * dt))
-            return x
-        return sample
-
-    samplers.register(samplers.SamplerSpec("ode-euler", "transport", euler,
-                                           default_spacing=lambda steps: None, stochastic=False))
-    assert samplers.sampler_names("transport") == ("ode-euler",)
-    x = jnp.ones((2, 3))
-    out = samplers.sample_loop("ode-euler", Line(), lambda x, t: x / t[:, None], x)
-    np.testing.assert_allclose(np.asarray(out), 0.0, atol=1e-6)
+    tr = transport.create_transport()
+    velocity = lambda x, t: -x + t[:, None]  # noqa: E731  any smooth field
+    x = jax.random.normal(jax.random.key(0), (2, 3))
+    got = samplers.sample_loop("ode-heun", tr, velocity, x, None, steps=6)
+    want = transport.ode_sample_loop(tr, velocity, x, "heun2", 6)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert samplers.get_sampler("sde-euler").stochastic
+    assert not samplers.get_sampler("ode-dopri5").stochastic

@@ -20,7 +20,8 @@ RELEASED_GUIDE_CHANNELS = 3  # the official forward_with_cfg guides eps[:, :3]
 
 def classifier_free_guidance(model_fn: Callable, y: jax.Array, scale, *, null_label: int,
                              guide_channels: int | None = RELEASED_GUIDE_CHANNELS,
-                             interval: tuple[float, float] | None = None) -> Callable:
+                             interval: tuple[float, float] | None = None,
+                             time_dtype=jnp.int32) -> Callable:
     """Wrap a class-conditional `model_fn(x, t, y)` into a guided `model_fn(x, t)`.
 
     y: int labels (N,). scale: guidance scale s (s = 1 is unguided; the paper's FID uses 1.5).
@@ -30,10 +31,15 @@ def classifier_free_guidance(model_fn: Callable, y: jax.Array, scale, *, null_la
     guide_channels: how many leading output channels are guided; 3 (default) is the released form,
     None guides all ε channels (x.shape[-1]). The other output channels come from the conditional
     half.
-    interval: optional (t_lo, t_hi) in ORIGINAL timesteps (inclusive); outside it the step is
-    unguided (Kynkäänniemi et al. 2024 guide only a middle range of noise levels). Default None:
+    interval: optional (t_lo, t_hi) in the model's time (inclusive): ORIGINAL timesteps for the
+    diffusion, t in [0, 1] for the transport (t = 0 noise; REPA's "t ≤ 0.7" in its reversed time
+    is (0.3, 1.0) there); outside it the step is unguided (Kynkäänniemi et al. 2024 guide only a
+    middle range of noise levels). Default None:
     guide at every step. When no example of the batch is inside the interval the wrapper runs only
     the conditional batch of N (a lax.cond), so the steps outside cost half.
+
+    time_dtype: the dtype t is cast to before the model sees it: int32 (default) for the
+    diffusion's integer timesteps; None keeps the caller's (float t of the transport).
 
     One model call per step: a batch of 2N when guiding, of N when `scale` is the Python number 1
     (then the wrapper is exactly the conditional model).
@@ -65,7 +71,7 @@ def classifier_free_guidance(model_fn: Callable, y: jax.Array, scale, *, null_la
         return jnp.concatenate([eps, cond[..., k:]], axis=-1)
 
     def wrapped(x, t):
-        t = jnp.broadcast_to(jnp.asarray(t, jnp.int32), (x.shape[0],))
+        t = jnp.broadcast_to(jnp.asarray(t, time_dtype), (x.shape[0],))
         if interval is None:
             return guided(x, t)
         return jax.lax.cond(jnp.any(_inside(t, interval)), guided, conditional, x, t)

@@ -5,6 +5,8 @@
     python -m dit_jax.port to-jax runs/xl2/results/000/checkpoints/0100000.pt ckpts/mine --which model
     python -m dit_jax.port to-torch ckpts/xl2-256 xl2.pt        # or xl2.safetensors
     python -m dit_jax.port to-diffusers ckpts/xl2-256 xl2-diffusers/   # DiTTransformer2DModel folder
+    python -m dit_jax.port to-jax last.pt ckpts/repa --kind repa     # REPA, read in SiT's time
+    python -m dit_jax.port to-torch ckpts/repa repa.pt --kind repa   # and back to REPA's layout
 
 SRC is anything `dit_jax.port.load_any` reads (.pt/.safetensors file, diffusers folder or hub id,
 dit_jax model checkpoint, train.py workdir).
@@ -16,7 +18,8 @@ import argparse
 import sys
 
 from dit_jax.checkpoint import save_model
-from dit_jax.port.dit import load_any, save_diffusers, save_torch
+from dit_jax.port import sit
+from dit_jax.port.dit import load_any, save_diffusers
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
                          help="classes, when a label table of R rows is not R - 1 classes + null")
         sub.add_argument("--class-dropout-prob", type=float,
                          help="0 for a label table without the null-label row (default 0.1)")
+        sub.add_argument("--kind", choices=sit.KINDS, default="dit",
+                         help="a PyTorch file's kind (to-jax) or the layout written (to-torch): "
+                              "dit, sit, or repa (REPA's reversed time; docs/transport.md)")
     return parser
 
 
@@ -51,14 +57,18 @@ def main(argv: list[str] | None = None) -> int:
                                    ("num_classes", args.num_classes),
                                    ("class_dropout_prob", args.class_dropout_prob))
                  if v is not None}
-    model = load_any(args.src, name=args.name, image_size=args.image_size, which=args.which,
-                     **overrides)
+    if args.command == "to-jax" and args.kind != "dit":
+        model = sit.from_torch(args.src, kind=args.kind, name=args.name,
+                               image_size=args.image_size, which=args.which, **overrides)
+    else:
+        model = load_any(args.src, name=args.name, image_size=args.image_size, which=args.which,
+                         **overrides)
     if args.command == "to-jax":
         path = save_model(args.out, model)
     elif args.command == "to-diffusers":
         path = save_diffusers(model, args.out)
     else:
-        path = save_torch(model, args.out)
+        path = sit.save_torch(model, args.out, kind=args.kind)
     cfg = model.config
     print(f"wrote {path}: depth {cfg.depth}, width {cfg.hidden_size}, heads {cfg.num_heads}, patch "
           f"{cfg.patch_size}, input {cfg.input_size}, numerics {cfg.numerics}")

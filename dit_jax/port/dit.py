@@ -397,9 +397,20 @@ def from_torch(path_or_state_dict, *, name: str | None = None,
     fields (num_heads for a non-official width, dtype, numerics, scan_blocks, ...); num_classes or
     class_dropout_prob=0 read a label table without the null row (see `label_fields`)."""
     state_dict, args = read_checkpoint(path_or_state_dict, which=which)
+    return from_state_dict(state_dict, args, name=name, image_size=image_size, **overrides)
+
+
+def from_state_dict(state_dict: Mapping[str, np.ndarray], args: Mapping[str, Any] | None = None,
+                    *, name: str | None = None, image_size: int | tuple[int, int] | None = None,
+                    **overrides) -> DiT:
+    """`from_torch` of an already read official-layout {key: array} (and train.py "args")."""
+    args = args or {}
     if any(k.startswith("transformer_blocks.") for k in state_dict):
         raise ValueError("this is a diffusers DiTTransformer2DModel state_dict: load its folder "
                          "(with config.json) with from_diffusers")
+    if any(k.startswith("projectors.") for k in state_dict):
+        raise ValueError("this state_dict has REPA's projectors.* keys: load it with "
+                         "dit_jax.port.from_torch(path, kind='repa') (docs/transport.md)")
     # The official train.py stores --num-classes in "args" (not the dropout, always 0.1 there).
     num_classes = overrides.get("num_classes", args.get("num_classes"))
     found = infer_official(state_dict, input_size=overrides.get("input_size"),
@@ -431,7 +442,12 @@ def save_torch(model: DiT, path: str | os.PathLike) -> Path:
     if model.config.numerics != "official":
         warnings.warn(f"the model runs with numerics={model.config.numerics!r}; the official code "
                       f"will run these weights with the official numerics")
-    state_dict = to_torch(model)
+    return write_torch(to_torch(model), path)
+
+
+def write_torch(state_dict: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Write a state_dict of torch tensors as .pt/.pth (torch.save) or .safetensors."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix in (".pt", ".pth"):
         import torch

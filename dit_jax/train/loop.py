@@ -46,6 +46,7 @@ from dit_jax.port import load_any
 from dit_jax.port.vae import load_vae
 from dit_jax.sampling import ChunkSampler, Decoder, load_vae_decoder, make_grid, save_png
 from dit_jax.sharding import host_batch_rows, make_mesh, model_buffers, shard_batch, state_shardings
+from dit_jax.transport import create_transport
 from dit_jax.train.logging import MetricWriter, Progress, Throughput
 from dit_jax.train.state import (abstract_train_state, create_train_state, make_optimizer,
                                  model_config_from)
@@ -90,9 +91,7 @@ def _run(config, workdir: Path, source: Source, model_cfg: DiTConfig, mesh: Mesh
 
     # 3. State: resume, or start fresh.
     tx, schedule = make_optimizer(config.optim, total_steps)
-    diffusion = create_diffusion("", noise_schedule=config.diffusion.noise_schedule,
-                                 learn_sigma=model_cfg.learn_sigma,
-                                 diffusion_steps=int(config.diffusion.diffusion_steps))
+    diffusion = make_objective(config, model_cfg)
     graphdef, _, _ = split_model(model_cfg)
     abstract = abstract_train_state(model_cfg, tx)
     shardings = state_shardings(abstract, mesh)
@@ -372,6 +371,21 @@ def _initial_params(config, model_cfg: DiTConfig) -> nnx.State | None:
     return params
 
 
+def make_objective(config, model_cfg: DiTConfig):
+    """The training objective of `config.objective`: the official GaussianDiffusion
+    ("diffusion", default) or SiT's flow matching ("transport", from config.transport)."""
+    objective = config.objective
+    if objective == "transport":
+        t = config.transport
+        weight = None if t.loss_weight in (None, "", "none") else t.loss_weight
+        return create_transport(t.path_type, t.prediction, weight, t_sampling=t.t_sampling)
+    if objective != "diffusion":
+        raise ValueError(f"config.objective={objective!r}: choose 'diffusion' or 'transport'")
+    return create_diffusion("", noise_schedule=config.diffusion.noise_schedule,
+                            learn_sigma=model_cfg.learn_sigma,
+                            diffusion_steps=int(config.diffusion.diffusion_steps))
+
+
 # --------------------------------------------------------------------------------------------
 # Sample grids
 
@@ -394,14 +408,18 @@ class SampleGrids:
             log.warning("class_dropout_prob=0: the model has no null class, so the sample grids "
                         "are drawn without guidance (sample.cfg_scale=%g ignored)", cfg_scale)
             cfg_scale = 1.0
+        objective = make_objective(config, model_cfg)
+        transport = ({} if config.objective == "diffusion" else
+                     dict(transport=objective))
         self.sampler = ChunkSampler(
             graphdef, abstract_weights, mesh=mesh, batch_size=n, seed=int(config.seed),
-            sampler=s.sampler, steps=int(s.steps), cfg_scale=cfg_scale,
+            sampler=config.transport.sampler if transport else s.sampler, steps=int(s.steps), cfg_scale=cfg_scale,
             decoder=(None if config.vae == "none" else  # the training VAE when there is one
                      Decoder.of(vae) if vae is not None else load_vae_decoder(config.vae)),
-            clip_denoised=bool(s.clip_denoised),
+            # x̂0 clipping is a diffusion-sampler option; transport samplers run unclipped.
+            clip_denoised=bool(s.clip_denoised) and not transport,
             noise_schedule=config.diffusion.noise_schedule,
-            diffusion_steps=int(config.diffusion.diffusion_steps))
+            diffusion_steps=int(config.diffusion.diffusion_steps), **transport)
 
     def __call__(self, step: int, ema, buffers) -> Path | None:
         images = self.sampler(0, self.labels, (ema, buffers))

@@ -18,7 +18,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from dit_jax import transport as flow
 from dit_jax.diffusion import training_losses
+from dit_jax.models.sit import sit_forward
 from dit_jax.sharding import (abstract_with_shardings, batch_sharding, microbatch_sharding,
                               replicated, state_shardings)
 from dit_jax.train.state import TrainState, ema_update
@@ -34,6 +36,9 @@ def make_train_step(graphdef, diffusion, tx: optax.GradientTransformation, sched
                     step_config: StepConfig, mesh: Mesh, encoder: Callable | None = None
                     ) -> Callable:
     """`train_step(state, buffers, batch) -> (state, metrics)`, not yet jitted.
+
+    diffusion: the GaussianDiffusion of the official objective, or a `dit_jax.transport.Transport`
+    for SiT's (the model then read with `sit_forward`, t drawn by `sample_t`).
 
     batch: {"x": (B, H, W, C) float32, "y": (B,) int32}, sharded over (data, fsdp).
     metrics: batch means of the loss and its terms, the global gradient norm (before clipping)
@@ -54,8 +59,14 @@ def make_train_step(graphdef, diffusion, tx: optax.GradientTransformation, sched
         def loss_fn(p):
             model = nnx.merge(graphdef, p, buffers)
             # Labels were already dropped for the whole batch, so no dropout inside the model.
-            model_fn = lambda x_t, t: model(x_t, t, micro["y"], train=False)  # noqa: E731
-            terms = training_losses(diffusion, model_fn, micro["x"], micro["t"], micro["noise"])
+            if isinstance(diffusion, flow.Transport):  # SiT's objective: t in [0, 1]
+                model_fn = lambda x_t, t: sit_forward(model, x_t, t, micro["y"])  # noqa: E731
+                terms = flow.training_losses(diffusion, model_fn, micro["x"], micro["t"],
+                                             micro["noise"])
+            else:
+                model_fn = lambda x_t, t: model(x_t, t, micro["y"], train=False)  # noqa: E731
+                terms = training_losses(diffusion, model_fn, micro["x"], micro["t"],
+                                        micro["noise"])
             return jnp.mean(terms["loss"]), terms
         (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return grads, terms
@@ -71,7 +82,8 @@ def make_train_step(graphdef, diffusion, tx: optax.GradientTransformation, sched
         inputs = {
             "x": x,  # images when encoded here, else what the model sees
             "y": _drop_labels(graphdef, state.params, model_buffers, y, drop_key),
-            "t": jax.random.randint(t_key, (n,), 0, diffusion.num_timesteps, jnp.int32),
+            "t": (flow.sample_t(diffusion, t_key, n) if isinstance(diffusion, flow.Transport)
+                  else jax.random.randint(t_key, (n,), 0, diffusion.num_timesteps, jnp.int32)),
             "noise": jax.random.normal(noise_key, latent_shape, jnp.float32),
         }
         if encoder is not None:
