@@ -1,0 +1,103 @@
+"""FID, sFID, Inception Score, precision and recall of a sample set against a reference, as
+OpenAI's ADM evaluator computes them, in JAX over every device (docs/evaluation.md).
+
+    # the paper's FID-50K: samples from sample.py --npz, ADM's ImageNet 256 reference batch
+    python -m dit_jax.evaluate VIRTUAL_imagenet256_labeled.npz runs/fid.npz --json=runs/fid.json
+    # image folders work too; --image-size center-crops (ADM's crop) every image first
+    python -m dit_jax.evaluate /data/imagenet/val samples/ --image-size=256
+    # write a reference batch of your own (ADM format) from a folder of training images
+    python -m dit_jax.evaluate --write-reference=ref.npz /data/train --image-size=256
+
+REF and SAMPLES are ADM-format .npz files (uint8 N×H×W×3 under arr_0; REF may also hold mu,
+sigma, mu_s, sigma_s, which are then used as they are) or image folders. The FID Inception
+weights (pt_inception-2015-12-05-6726825d.pth) come from --inception-weights, the cache
+(~/.cache/dit_jax, torch's hub cache) or a download. On a pod, run the same command on every
+host; host 0 prints and writes the results.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+from absl import app, flags
+from tqdm import tqdm
+
+from dit_jax.evaluation import FeatureExtractor, load_inception
+from dit_jax.evaluation.suite import compute_metrics, read_set, write_reference
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("inception_weights", None,
+                    "FID Inception weights (.pth, .safetensors or .npz with torch's names); "
+                    "default: the cache, else downloaded")
+flags.DEFINE_string("json", None, "also write the results to this JSON file")
+flags.DEFINE_integer("batch_size", 64, "images per Inception batch, split over all devices")
+flags.DEFINE_integer("image_size", None,
+                     "center-crop (ADM's crop) folder images to this size; default: use them as "
+                     "they are (they must share one size)")
+flags.DEFINE_string("write_reference", None,
+                    "instead of evaluating, write an ADM-format reference batch of the one image "
+                    "set given (statistics of every image, --reference-images of them as arr_0)")
+flags.DEFINE_integer("reference_images", 10000, "images kept in a written reference batch")
+flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                  "call jax.distributed.initialize: auto = when launched as several processes")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flags, also spelled with dashes (--batch-size as --batch_size)."""
+    def underscored(arg):
+        if not arg.startswith("--"):
+            return arg
+        name, eq, value = arg.partition("=")
+        return "--" + name[2:].replace("-", "_") + eq + value
+    return FLAGS([argv[0], *map(underscored, argv[1:])])
+
+
+def format_results(results: dict) -> str:
+    names = {"inception_score": "Inception Score", "fid": "FID", "sfid": "sFID",
+             "precision": "Precision", "recall": "Recall"}
+    return "\n".join(f"{names[k]}: {'n/a' if results[k] is None else results[k]}"
+                     for k in ("inception_score", "fid", "sfid", "precision", "recall"))
+
+
+def main(argv):
+    paths = argv[1:]
+    expected = 1 if FLAGS.write_reference else 2
+    if len(paths) != expected:
+        raise app.UsageError("usage: python -m dit_jax.evaluate REF SAMPLES [flags], or "
+                             "--write-reference=OUT.npz SOURCE")
+    if FLAGS.distributed != "off":
+        from dit_jax.train.loop import initialize_distributed  # before JAX picks its devices
+        initialize_distributed(FLAGS.distributed)
+    extractor = FeatureExtractor(load_inception(FLAGS.inception_weights),
+                                 batch_size=FLAGS.batch_size)
+    chief = jax.process_index() == 0
+
+    def progress(what):
+        return tqdm(desc=what, unit="img", disable=not chief)
+
+    if FLAGS.write_reference:
+        with progress(f"reference {paths[0]}") as bar:
+            out = write_reference(FLAGS.write_reference, paths[0], extractor,
+                                  image_size=FLAGS.image_size, num_images=FLAGS.reference_images,
+                                  progress=bar)
+        if chief:
+            print(f"wrote {out}")
+        return
+    with progress(f"reference {paths[0]}") as bar:
+        ref = read_set(paths[0], extractor, image_size=FLAGS.image_size, progress=bar)
+    with progress(f"samples {paths[1]}") as bar:
+        samples = read_set(paths[1], extractor, image_size=FLAGS.image_size, progress=bar)
+    results = compute_metrics(ref, samples)
+    if chief:
+        print(format_results(results))
+        if FLAGS.json:
+            path = Path(FLAGS.json).expanduser()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({**results, "reference": paths[0], "samples": paths[1],
+                                        "num_samples": samples.count}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)
