@@ -25,7 +25,7 @@ from absl import app, flags
 from tqdm import tqdm
 
 from dit_jax.evaluation import FeatureExtractor, load_inception
-from dit_jax.evaluation.suite import compute_metrics, read_set, write_reference
+from dit_jax.evaluation.suite import evaluate_files, format_metrics, write_reference
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("inception_weights", None,
@@ -54,13 +54,6 @@ def parse_flags(argv: list[str]) -> list[str]:
     return FLAGS([argv[0], *map(underscored, argv[1:])])
 
 
-def format_results(results: dict) -> str:
-    names = {"inception_score": "Inception Score", "fid": "FID", "sfid": "sFID",
-             "precision": "Precision", "recall": "Recall"}
-    return "\n".join(f"{names[k]}: {'n/a' if results[k] is None else results[k]}"
-                     for k in ("inception_score", "fid", "sfid", "precision", "recall"))
-
-
 def main(argv):
     paths = argv[1:]
     expected = 1 if FLAGS.write_reference else 2
@@ -73,25 +66,18 @@ def main(argv):
     extractor = FeatureExtractor(load_inception(FLAGS.inception_weights),
                                  batch_size=FLAGS.batch_size)
     chief = jax.process_index() == 0
-
-    def progress(what):
-        return tqdm(desc=what, unit="img", disable=not chief)
-
     if FLAGS.write_reference:
-        with progress(f"reference {paths[0]}") as bar:
+        with tqdm(desc=f"reference {paths[0]}", unit="img", disable=not chief) as bar:
             out = write_reference(FLAGS.write_reference, paths[0], extractor,
                                   image_size=FLAGS.image_size, num_images=FLAGS.reference_images,
                                   progress=bar)
         if chief:
             print(f"wrote {out}")
         return
-    with progress(f"reference {paths[0]}") as bar:
-        ref = read_set(paths[0], extractor, image_size=FLAGS.image_size, progress=bar)
-    with progress(f"samples {paths[1]}") as bar:
-        samples = read_set(paths[1], extractor, image_size=FLAGS.image_size, progress=bar)
-    results = compute_metrics(ref, samples)
+    results, samples = evaluate_files(paths[0], paths[1], extractor=extractor,
+                                      image_size=FLAGS.image_size, progress=True)
     if chief:
-        print(format_results(results))
+        print(format_metrics(results))
         if FLAGS.json:
             path = Path(FLAGS.json).expanduser()
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -434,3 +434,62 @@ def test_cli_errors(tmp_path):
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode != 0
     assert "none.pth not found" in proc.stderr and "pt_inception-2015-12-05" in proc.stderr
+
+
+@pytest.mark.slow  # a DiT sampling program, then the two 2048² matrix square roots
+def test_sample_py_fid_reference(weights_file, single_device_extractor, tmp_path):
+    from absl import flags
+
+    import sample as sample_script
+    from dit_jax.checkpoint import save_model
+
+    from conftest import random_dit
+
+    model = random_dit(seed=1, depth=1, hidden_size=64, num_heads=2, patch_size=4, input_size=8,
+                       in_channels=3, num_classes=5, learn_sigma=False)
+    save_model(tmp_path / "ckpt", model)
+    ref_images = image_set(3, 8, size=8)
+    np.savez(tmp_path / "ref.npz", arr_0=ref_images)
+    out = tmp_path / "out"
+    flags.FLAGS.unparse_flags()  # absl keeps values from a previous parse
+    sample_script.parse_flags([
+        "sample.py", f"--ckpt={tmp_path / 'ckpt'}", "--vae=none", "--num-samples=6",
+        "--batch-size=8", "--steps=3", "--cfg-scale=1", f"--out={out}",
+        f"--fid-reference={tmp_path / 'ref.npz'}", f"--inception-weights={weights_file}"])
+    sample_script.main([])
+    got = json.loads((out / "metrics.json").read_text())
+    with np.load(out / "samples.npz") as data:  # the default --npz with --fid-reference
+        samples = data["arr_0"]
+    assert samples.shape == (6, 8, 8, 3) and got["num_samples"] == 6
+
+    def features(images):
+        return np.concatenate([single_device_extractor(images[i:i + 4])["pool_3"]
+                               for i in range(0, len(images), 4)])
+
+    s, r = features(samples), features(ref_images)
+    expected = eig_frechet(s.mean(0), np.cov(s, rowvar=False), r.mean(0), np.cov(r, rowvar=False))
+    np.testing.assert_allclose(got["fid"], expected, rtol=1e-4)
+    for key in ("sfid", "inception_score", "precision", "recall"):
+        assert got[key] is not None and np.isfinite(got[key])
+    flags.FLAGS.unparse_flags()
+
+
+def test_sample_py_fid_reference_checks_inputs_before_sampling(weights_file, tmp_path):
+    from absl import app, flags
+
+    import sample as sample_script
+
+    def run(*argv):
+        flags.FLAGS.unparse_flags()
+        sample_script.parse_flags(["sample.py", f"--ckpt={tmp_path / 'never-loaded'}",
+                                   f"--out={tmp_path}", *argv])
+        sample_script.main([])
+
+    try:
+        with pytest.raises(app.UsageError, match="--fid-reference .*missing.npz does not exist"):
+            run(f"--fid-reference={tmp_path / 'missing.npz'}", f"--inception-weights={weights_file}")
+        np.savez(tmp_path / "ref.npz", arr_0=image_set(0, 4, size=8))
+        with pytest.raises(FileNotFoundError, match="none.pth not found.*pt_inception-2015-12-05"):
+            run(f"--fid-reference={tmp_path / 'ref.npz'}", f"--inception-weights={tmp_path / 'none.pth'}")
+    finally:
+        flags.FLAGS.unparse_flags()

@@ -46,9 +46,10 @@ class FeatureExtractor:
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         images = np.asarray(images)
         n = len(images)
-        if images.ndim != 4 or images.shape[-1] != 3 or not 0 < n <= self.batch_size:
-            raise ValueError(f"expected at most {self.batch_size} images of shape (H, W, 3), got "
-                             f"an array of shape {images.shape}")
+        if (images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3
+                or not 0 < n <= self.batch_size):
+            raise ValueError(f"expected at most {self.batch_size} uint8 images (N, H, W, 3), got "
+                             f"{images.dtype} {images.shape}")
         padded = np.zeros((self.batch_size, *images.shape[1:]), np.uint8)
         padded[:n] = images
         batch = jax.make_array_from_callback(padded.shape, self._rows, lambda index: padded[index])

@@ -15,10 +15,13 @@ import os
 from pathlib import Path
 from typing import Iterable
 
+import jax
 import numpy as np
+from tqdm import tqdm
 
 from dit_jax.evaluation.extract import FeatureExtractor
 from dit_jax.evaluation.images import IMAGES_KEY, ImageSet
+from dit_jax.evaluation.inception import load_inception
 from dit_jax.evaluation.metrics import (FIDStatistics, RunningStatistics, inception_score,
                                         precision_recall)
 
@@ -110,6 +113,32 @@ def compute_metrics(ref: SetFeatures, samples: SetFeatures) -> dict[str, float |
     return result
 
 
+def evaluate_files(ref: str | os.PathLike, samples: str | os.PathLike, *,
+                   extractor: FeatureExtractor | None = None,
+                   inception_weights: str | os.PathLike | None = None, batch_size: int = 64,
+                   image_size: int | None = None, progress: bool = False
+                   ) -> tuple[dict[str, float | None], SetFeatures]:
+    """The five numbers of the image set `samples` against `ref` (paths as `read_set` takes
+    them), and the samples' features. Builds the extractor over every device when none is
+    given."""
+    if extractor is None:
+        extractor = FeatureExtractor(load_inception(inception_weights), batch_size=batch_size)
+    show = progress and jax.process_index() == 0
+    sets = []
+    for what, path in (("reference", ref), ("samples", samples)):
+        with tqdm(desc=f"{what} {path}", unit="img", disable=not show) as bar:
+            sets.append(read_set(path, extractor, image_size=image_size, progress=bar))
+    return compute_metrics(*sets), sets[1]
+
+
+def format_metrics(results: dict[str, float | None]) -> str:
+    """The evaluator's printout: one "Name: value" line per metric."""
+    names = {"inception_score": "Inception Score", "fid": "FID", "sfid": "sFID",
+             "precision": "Precision", "recall": "Recall"}
+    return "\n".join(f"{name}: {'n/a' if results[key] is None else results[key]}"
+                     for key, name in names.items())
+
+
 def write_reference(out: str | os.PathLike, source: str | os.PathLike,
                     extractor: FeatureExtractor, *, image_size: int | None = None,
                     num_images: int = 10000, seed: int = 0, progress=None) -> Path:
@@ -136,5 +165,5 @@ def write_reference(out: str | os.PathLike, source: str | os.PathLike,
     return out
 
 
-__all__ = ["METRICS", "SetFeatures", "compute_metrics", "features_of", "read_set",
-           "write_reference"]
+__all__ = ["METRICS", "SetFeatures", "compute_metrics", "evaluate_files", "features_of",
+           "format_metrics", "read_set", "write_reference"]
