@@ -388,6 +388,9 @@ def test_write_reference_and_read_it_back(single_device_extractor, sample_images
     back = read_set(out, extractor)
     np.testing.assert_array_equal(back.stats.mu, np.load(out)["mu"])  # stored stats, as they are
     assert back.pool_3.shape == (4, 2048)  # features of arr_0 for precision/recall
+    stats_only = read_set(out, extractor, per_image=False)  # FID alone: arr_0 is not read
+    assert stats_only.pool_3 is None and stats_only.count == 0
+    np.testing.assert_array_equal(stats_only.spatial_stats.sigma, np.load(out)["sigma_s"])
 
 
 @pytest.mark.slow  # the CLI's two float64 matrix square roots of 2048² matrices
@@ -493,3 +496,44 @@ def test_sample_py_fid_reference_checks_inputs_before_sampling(weights_file, tmp
             run(f"--fid-reference={tmp_path / 'ref.npz'}", f"--inception-weights={tmp_path / 'none.pth'}")
     finally:
         flags.FLAGS.unparse_flags()
+
+
+@pytest.mark.slow  # a few train steps, sampling, then one 2048² matrix square root
+def test_training_fid_is_logged(weights_file, single_device_extractor, tmp_path, monkeypatch):
+    from configs import demo
+    from dit_jax.train import loop
+
+    drawn = []
+    samples = loop.TrainingFID.samples
+
+    def spy(self, ema, buffers):  # the real sampler; keeps a copy of what it drew
+        for batch in samples(self, ema, buffers):
+            drawn.append(batch)
+            yield batch
+
+    monkeypatch.setattr(loop.TrainingFID, "samples", spy)
+    ref_images = image_set(4, 8, size=16)
+    np.savez(tmp_path / "ref.npz", arr_0=ref_images)
+    c = demo.get_config()
+    c.model.hidden_size, c.model.depth, c.model.num_heads, c.model.patch_size = 64, 1, 4, 4
+    c.data.image_size, c.global_batch_size, c.total_steps = 16, 16, 2
+    c.log_every, c.sample_every, c.checkpoint_every = 1, 0, 2
+    c.sample.steps = 2
+    c.eval.every, c.eval.num_samples, c.eval.batch_size = 2, 6, 8
+    c.eval.reference, c.eval.inception_weights = str(tmp_path / "ref.npz"), str(weights_file)
+    loop.train(c, tmp_path / "run")
+
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().split("\n")
+               if line]
+    logged = [r["fid"] for r in records if "fid" in r]
+    assert len(logged) == 1 and [r["step"] for r in records if "fid" in r] == [2]
+    images = np.concatenate(drawn)
+    assert images.shape == (6, 16, 16, 3) and images.dtype == np.uint8
+
+    def pool(x):
+        return np.concatenate([single_device_extractor(x[i:i + 4])["pool_3"]
+                               for i in range(0, len(x), 4)])
+
+    s, r = pool(images), pool(ref_images)
+    expected = eig_frechet(s.mean(0), np.cov(s, rowvar=False), r.mean(0), np.cov(r, rowvar=False))
+    np.testing.assert_allclose(logged[0], expected, rtol=1e-4)

@@ -78,15 +78,18 @@ def _stats_in(path: Path) -> dict[str, np.ndarray] | None:
 
 
 def read_set(path: str | os.PathLike, extractor: FeatureExtractor, *,
-             image_size: int | None = None, progress=None) -> SetFeatures:
+             image_size: int | None = None, progress=None, per_image: bool = True) -> SetFeatures:
     """Features of an image set: an ADM-format .npz (precomputed statistics used when present,
-    its `arr_0` images giving the precision/recall features) or an image folder."""
+    its `arr_0` images giving the precision/recall features) or an image folder.
+    per_image=False: statistics only (FID/sFID), the stored ones read without touching arr_0."""
     path = Path(path).expanduser()
     stored = _stats_in(path)
     if stored is not None:
         stats = FIDStatistics(stored["mu"].astype(np.float64), stored["sigma"].astype(np.float64))
         spatial = FIDStatistics(stored["mu_s"].astype(np.float64),
                                 stored["sigma_s"].astype(np.float64))
+        if not per_image:
+            return SetFeatures(stats, spatial)
         if not stored["has_images"]:
             log.warning("%s has statistics but no %s images: precision and recall need them",
                         path, IMAGES_KEY)
@@ -96,7 +99,8 @@ def read_set(path: str | os.PathLike, extractor: FeatureExtractor, *,
                                progress=progress)
         return dataclasses.replace(computed, stats=stats, spatial_stats=spatial)
     images = ImageSet(str(path), image_size)
-    return features_of(images.batches(extractor.batch_size), extractor, progress=progress)
+    return features_of(images.batches(extractor.batch_size), extractor, keep=per_image,
+                       progress=progress)
 
 
 def compute_metrics(ref: SetFeatures, samples: SetFeatures) -> dict[str, float | None]:
