@@ -2,7 +2,8 @@
 
     # the paper's FID-50K samples (DiT-XL/2 256, 250 DDPM steps, guidance 1.5, random labels)
     python sample.py --ckpt DiT-XL-2-256x256.pt --model DiT-XL/2 --image-size 256 \\
-        --cfg-scale 1.5 --num-samples 50000 --batch-size 256 --out runs/fid --npz runs/fid.npz
+        --cfg-scale 1.5 --num-samples 50000 --batch-size 256 --out runs/fid --npz runs/fid.npz \\
+        --fid-reference VIRTUAL_imagenet256_labeled.npz  # then FID, sFID, IS, precision, recall
     # a few classes, as the official sample.py
     python sample.py --ckpt DiT-XL-2-256x256.pt --labels 207,360,387,974,88,979,417,279
     # a pixel-space model trained with train.py (its config.json says: no VAE, clip x0)
@@ -22,9 +23,17 @@ samples are split over all devices of all hosts and host 0 writes the files (OUT
 shared file system). See dit_jax/sampling.py.
 """
 
-from absl import app, flags, logging
+import json
+from pathlib import Path
 
+import jax
+from absl import app, flags, logging
+from jax.experimental import multihost_utils
+
+from dit_jax.cli import parse_flags
 from dit_jax.distributed import initialize_distributed
+from dit_jax.evaluation import resolve_weights
+from dit_jax.evaluation.suite import evaluate_files, format_metrics
 from dit_jax.port.dit import DOWNLOAD_HELP
 from dit_jax.samplers import ALIASES
 from dit_jax.sampling import (CHECKPOINT_KINDS, DEFAULT_VAE, GUIDANCE_CHANNELS, RUN_SETTINGS,
@@ -66,18 +75,15 @@ flags.DEFINE_enum("path_type", None, ["Linear", "GVP", "VP"],
                   "transport path (default: the workdir's run, else Linear)")
 flags.DEFINE_enum("prediction", None, ["velocity", "noise", "score"],
                   "transport prediction (default: the workdir's run, else velocity)")
+flags.DEFINE_string("fid_reference", None,
+                    "after sampling, evaluate the samples (FID, sFID, IS, precision, recall) against "
+                    "this ADM reference batch or image folder; results in OUT/metrics.json "
+                    "(docs/evaluation.md). The samples .npz is --npz, default OUT/samples.npz")
+flags.DEFINE_string("inception_weights", None,
+                    "FID Inception weights for --fid-reference (default: cache or download)")
 flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                   "call jax.distributed.initialize: auto = when launched as several processes")
 
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl flags, also spelled with dashes (--image-size as --image_size)."""
-    def underscored(arg):
-        if not arg.startswith("--"):
-            return arg
-        name, eq, value = arg.partition("=")
-        return "--" + name[2:].replace("-", "_") + eq + value
-    return FLAGS([argv[0], *map(underscored, argv[1:])])
 
 
 def request_from_flags() -> SampleRequest:
@@ -109,18 +115,42 @@ def request_from_flags() -> SampleRequest:
         ckpt=FLAGS.ckpt, model=FLAGS.model, labels=labels, num_samples=FLAGS.num_samples,
         batch_size=FLAGS.batch_size, cfg_scale=FLAGS.cfg_scale,
         guidance_channels=FLAGS.guidance_channels, steps=FLAGS.steps, seed=FLAGS.seed,
-        out=FLAGS.out, npz=FLAGS.npz, dtype=FLAGS.dtype, numerics=FLAGS.numerics,
-        kind=FLAGS.kind, guidance_interval=interval, **settings)
+        out=FLAGS.out,
+        npz=FLAGS.npz or (str(Path(FLAGS.out) / "samples.npz") if FLAGS.fid_reference else None),
+        dtype=FLAGS.dtype, numerics=FLAGS.numerics, kind=FLAGS.kind, guidance_interval=interval,
+        **settings)
+
+
+def evaluate_samples(npz: str) -> dict:
+    """--fid-reference: the ADM metrics of the samples in `npz`, written to OUT/metrics.json."""
+    multihost_utils.sync_global_devices("sample.py: samples written")  # host 0 wrote the .npz
+    results, samples = evaluate_files(FLAGS.fid_reference, npz,
+                                      inception_weights=FLAGS.inception_weights,
+                                      batch_size=FLAGS.batch_size, progress=True)
+    if jax.process_index() == 0:
+        print(format_metrics(results))
+        path = Path(FLAGS.out) / "metrics.json"
+        path.write_text(json.dumps({**results, "reference": FLAGS.fid_reference, "samples": npz,
+                                    "num_samples": samples.count}, indent=2) + "\n")
+        logging.info("metrics: %s", path)
+    return results
 
 
 def main(argv):
     del argv
     request = request_from_flags()
+    if FLAGS.fid_reference:
+        if not Path(FLAGS.fid_reference).expanduser().exists():
+            raise app.UsageError(f"--fid-reference {FLAGS.fid_reference} does not exist: pass an "
+                                 "ADM reference batch .npz or an image folder")
+        resolve_weights(FLAGS.inception_weights)  # a missing file fails now, not after sampling
     initialize_distributed(FLAGS.distributed)  # before JAX picks its devices
     written = sample(request)
     for name in ("grid", "samples", "npz", "chunks"):
         if name in written:
             logging.info("%s: %s", name, written[name])
+    if FLAGS.fid_reference:  # (samples of latents fail here: the .npz holds no uint8 images)
+        evaluate_samples(request.npz)
 
 
 if __name__ == "__main__":

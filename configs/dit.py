@@ -94,6 +94,16 @@ def base_config() -> ml_collections.ConfigDict:
     # Clip x̂0 to [-1, 1] while sampling (ADM's clip_denoised): for pixel-space models only; the
     # official DiT samples latents unclipped.
     c.sample.clip_denoised = False
+
+    # FID of EMA samples during training (docs/evaluation.md): every `every` steps (0: never),
+    # `num_samples` drawn with the sample grids' settings above, against `reference` (an ADM
+    # reference batch .npz or an image folder); logged as "fid" to log.jsonl and TensorBoard.
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every = 0
+    c.eval.num_samples = 10_000
+    c.eval.reference = ""
+    c.eval.inception_weights = ""  # default: the cache, else downloaded
+    c.eval.batch_size = 256  # samples per sampling chunk and Inception batch, over all devices
     return c
 
 

@@ -9,7 +9,8 @@ Read top to bottom, a run:
 5. loops: this host loads its rows of the global batch, the rows become one global array, the
    step runs; every `log_every` steps the metrics are fetched, checked and written; every
    `checkpoint_every` steps a checkpoint is saved (asynchronously); every `sample_every` steps a
-   grid of EMA samples is written; on SIGTERM (or a multi-host preemption notice) a checkpoint
+   grid of EMA samples is written; every `eval.every` steps the FID of EMA samples is logged
+   (`TrainingFID`); on SIGTERM (or a multi-host preemption notice) a checkpoint
    of the current step is saved and the run stops.
 
 Metrics are fetched from the devices only at those points, so the host runs ahead of the devices
@@ -39,6 +40,8 @@ from dit_jax.data import BatchIterator, Source, make_batches, make_source
 from dit_jax.data.folder import save_class_mapping
 from dit_jax.diffusion import create_diffusion
 from dit_jax.distributed import initialize_distributed
+from dit_jax.evaluation import FeatureExtractor, load_inception, read_set
+from dit_jax.evaluation.suite import features_of
 from dit_jax.flops import train_flops_per_image
 from dit_jax.models.dit import DiTConfig, convert_blocks, split_model
 from dit_jax.models.vae import AutoencoderKL, encode_to_latents
@@ -136,6 +139,8 @@ def _run(config, workdir: Path, source: Source, model_cfg: DiTConfig, mesh: Mesh
     grids = (SampleGrids(graphdef, (abstract.ema, buffers), model_cfg, config, mesh, workdir,
                          vae=vae)
              if config.sample_every and config.sample_every > 0 else None)
+    fid = (TrainingFID(graphdef, (abstract.ema, buffers), model_cfg, config, mesh, vae=vae)
+           if config.eval.every > 0 else None)
 
     # 5. The loop.
     writer = MetricWriter(workdir, resume_step=start, enabled=host0)
@@ -168,7 +173,8 @@ def _run(config, workdir: Path, source: Source, model_cfg: DiTConfig, mesh: Mesh
             log_now = step % config.log_every == 0 or step == total_steps
             save_now = step % config.checkpoint_every == 0 or step == total_steps or preempted
             sample_now = grids is not None and step % config.sample_every == 0
-            if log_now or save_now or sample_now:
+            eval_now = fid is not None and step % config.eval.every == 0
+            if log_now or save_now or sample_now or eval_now:
                 window += fetch_and_check(pending, checkpoints)
                 pending = []
             if log_now or save_now:
@@ -187,7 +193,12 @@ def _run(config, workdir: Path, source: Source, model_cfg: DiTConfig, mesh: Mesh
                 path = grids(step, state.ema, buffers)
                 if path is not None:
                     progress.write(f"step {step}: samples in {path}")
-            if save_now or sample_now:
+            if eval_now:
+                value = fid(state.ema, buffers)
+                writer.write(step, {"fid": value})
+                progress.write(f"step {step}: FID-{fid.num_samples // 1000}K {value:.3f}"
+                               if fid.num_samples >= 1000 else f"step {step}: FID {value:.3f}")
+            if save_now or sample_now or eval_now:
                 throughput.restart(step)
             if preempted:
                 status = "preempted"
@@ -398,28 +409,10 @@ class SampleGrids:
 
     def __init__(self, graphdef, abstract_weights: tuple, model_cfg: DiTConfig, config,
                  mesh: Mesh, workdir: Path, vae=None):
-        s = config.sample
-        n = int(s.num_images)
+        n = int(config.sample.num_images)
         self.labels = np.arange(n, dtype=np.int32) % max(model_cfg.num_classes, 1)
         self.directory = workdir / SAMPLES_DIR
-        cfg_scale = float(s.cfg_scale)
-        if model_cfg.num_classes and model_cfg.class_dropout_prob <= 0 and cfg_scale != 1.0:
-            # Found now rather than at the first grid, sample_every steps into the run.
-            log.warning("class_dropout_prob=0: the model has no null class, so the sample grids "
-                        "are drawn without guidance (sample.cfg_scale=%g ignored)", cfg_scale)
-            cfg_scale = 1.0
-        objective = make_objective(config, model_cfg)
-        transport = ({} if config.objective == "diffusion" else
-                     dict(transport=objective))
-        self.sampler = ChunkSampler(
-            graphdef, abstract_weights, mesh=mesh, batch_size=n, seed=int(config.seed),
-            sampler=config.transport.sampler if transport else s.sampler, steps=int(s.steps), cfg_scale=cfg_scale,
-            decoder=(None if config.vae == "none" else  # the training VAE when there is one
-                     Decoder.of(vae) if vae is not None else load_vae_decoder(config.vae)),
-            # x̂0 clipping is a diffusion-sampler option; transport samplers run unclipped.
-            clip_denoised=bool(s.clip_denoised) and not transport,
-            noise_schedule=config.diffusion.noise_schedule,
-            diffusion_steps=int(config.diffusion.diffusion_steps), **transport)
+        self.sampler = ema_sampler(graphdef, abstract_weights, model_cfg, config, mesh, n, vae)
 
     def __call__(self, step: int, ema, buffers) -> Path | None:
         images = self.sampler(0, self.labels, (ema, buffers))
@@ -430,6 +423,64 @@ class SampleGrids:
         save_png(path, make_grid(images))
         np.savez(path.with_suffix(".npz"), images=images, labels=self.labels)
         return path
+
+
+def ema_sampler(graphdef, abstract_weights: tuple, model_cfg: DiTConfig, config, mesh: Mesh,
+                batch_size: int, vae=None) -> ChunkSampler:
+    """sample.py's ChunkSampler with the run's sampling settings (config.sample) and objective
+    (the diffusion, or the transport with config.transport.sampler), decoding with the training
+    VAE when there is one."""
+    s = config.sample
+    cfg_scale = float(s.cfg_scale)
+    if model_cfg.num_classes and model_cfg.class_dropout_prob <= 0 and cfg_scale != 1.0:
+        # Found now rather than at the first grid, sample_every steps into the run.
+        log.warning("class_dropout_prob=0: the model has no null class, so its samples (grids, "
+                    "FID) are drawn without guidance (sample.cfg_scale=%g ignored)", cfg_scale)
+        cfg_scale = 1.0
+    transport = (dict(transport=make_objective(config, model_cfg))
+                 if config.objective == "transport" else {})
+    return ChunkSampler(
+        graphdef, abstract_weights, mesh=mesh, batch_size=batch_size, seed=int(config.seed),
+        sampler=config.transport.sampler if transport else s.sampler, steps=int(s.steps),
+        cfg_scale=cfg_scale,
+        decoder=(None if config.vae == "none" else  # the training VAE when there is one
+                 Decoder.of(vae) if vae is not None else load_vae_decoder(config.vae)),
+        # x̂0 clipping is a diffusion-sampler option; transport samplers run unclipped.
+        clip_denoised=bool(s.clip_denoised) and not transport,
+        noise_schedule=config.diffusion.noise_schedule,
+        diffusion_steps=int(config.diffusion.diffusion_steps), **transport)
+
+
+class TrainingFID:
+    """FID of `config.eval.num_samples` EMA samples (the sample grids' sampler settings, labels
+    uniform at random, the same labels and noise at every evaluation) against the pool_3
+    statistics of `config.eval.reference` (an ADM reference batch or an image folder,
+    docs/evaluation.md), sampled and measured over the whole mesh."""
+
+    def __init__(self, graphdef, abstract_weights: tuple, model_cfg: DiTConfig, config,
+                 mesh: Mesh, vae=None):
+        e = config.eval
+        if not e.reference:
+            raise ValueError("config.eval.every > 0 needs config.eval.reference: an ADM "
+                             "reference batch (.npz) or an image folder (docs/evaluation.md)")
+        self.num_samples, self.batch_size = int(e.num_samples), int(e.batch_size)
+        self.sampler = ema_sampler(graphdef, abstract_weights, model_cfg, config, mesh,
+                                   self.batch_size, vae)
+        rng = np.random.default_rng(int(config.seed))
+        self.labels = rng.integers(0, max(model_cfg.num_classes, 1), self.num_samples,
+                                   dtype=np.int32)
+        self.extractor = FeatureExtractor(load_inception(e.inception_weights or None), mesh=mesh,
+                                          batch_size=self.batch_size)
+        self.reference = read_set(e.reference, self.extractor, per_image=False).stats
+
+    def samples(self, ema, buffers):
+        """The uint8 sample batches of one evaluation."""
+        for chunk, start in enumerate(range(0, self.num_samples, self.batch_size)):
+            yield self.sampler(chunk, self.labels[start:start + self.batch_size], (ema, buffers))
+
+    def __call__(self, ema, buffers) -> float:
+        stats = features_of(self.samples(ema, buffers), self.extractor, keep=False).stats
+        return stats.frechet_distance(self.reference)
 
 
 def _latent_encoder(vae_graphdef):
