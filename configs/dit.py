@@ -31,7 +31,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.class_dropout_prob = 0.1
     c.model.learn_sigma = True
     c.model.dtype = "bfloat16"  # compute dtype; parameters stay float32
-    c.model.attention_impl = "xla"  # "cudnn": flash attention on NVIDIA GPUs
+    # "auto": splash on TPUs, cuDNN flash attention on NVIDIA GPUs (16-bit), XLA elsewhere; or
+    # "xla", "cudnn", "splash" to choose one.
+    c.model.attention_impl = "auto"
     # Rematerialisation per block: "none", "full" (recompute everything in the backward pass), or a
     # jax.checkpoint_policies name that keeps some results, e.g. "dots_with_no_batch_dims_saveable".
     c.model.remat = "none"

@@ -23,6 +23,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from dit_jax.models import dit as _dit
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -39,6 +41,9 @@ LOGICAL_AXIS_RULES: dict[str, Any] = {
     "embed_in": None,
     "patch_out": None,
 }
+
+# Logical names of the attention operands (batch, tokens, heads, head_dim).
+ATTENTION_AXES = ("batch", None, "heads", None)
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
@@ -104,3 +109,17 @@ def shard_batch(local_batch: Any, mesh: Mesh) -> Any:
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(x)), np.asarray(x)),
         local_batch)
+
+
+def attention_spec(shape: Sequence[int], mesh: Mesh | None = None,
+                   rules: dict[str, Any] = LOGICAL_AXIS_RULES) -> P:
+    """PartitionSpec of the (batch, tokens, heads, head_dim) operands and output of a kernel that
+    XLA cannot partition (splash attention), on `mesh` (default: the mesh being traced for):
+    examples split like the batch, heads like the attention's tensor-parallel columns. The
+    kernel runs inside `jax.shard_map` with this spec for its inputs and its output."""
+    mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
+    return logical_to_mesh_spec(ATTENTION_AXES, shape, mesh, rules)
+
+
+# The model runs splash attention under shard_map with this spec (see dit_jax.models.dit).
+_dit.set_attention_partitioning(attention_spec)
