@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from dit_jax.models import dit as _dit
@@ -63,6 +64,18 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
         raise ValueError(
             f"mesh data={sizes[0]} × fsdp={sizes[1]} × tensor={sizes[2]} needs {math.prod(sizes)} "
             f"devices, but {len(devices)} are available")
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices > 1:
+        # Several TPU slices joined by the data-centre network: only the data axis crosses
+        # slices (its gradient all-reduce is the one collective that tolerates the slow links);
+        # fsdp and tensor stay inside a slice, on ICI.
+        if sizes[0] % slices:
+            raise ValueError(f"the devices span {slices} slices: mesh.data={sizes[0]} must be a "
+                             f"multiple of {slices} (fsdp and tensor stay within a slice)")
+        grid = mesh_utils.create_hybrid_device_mesh(
+            (sizes[0] // slices, sizes[1], sizes[2]), (slices, 1, 1), devices,
+            allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
