@@ -37,7 +37,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Rematerialisation per block: "none", "full" (recompute everything in the backward pass), or a
     # jax.checkpoint_policies name that keeps some results, e.g. "dots_with_no_batch_dims_saveable".
     c.model.remat = "none"
-    c.model.scan_blocks = False
+    # One stacked block scanned depth times: the step compiles in a fraction of the time (the
+    # XL/2 step for a v5e-256 slice: about a minute on 2 CPU cores instead of 4-5); checkpoints
+    # and ports convert between the plain and scanned forms.
+    c.model.scan_blocks = True
     # Plain hyper-parameters for custom sizes; used when name is "" (None means: from name).
     c.model.hidden_size = ml_collections.FieldReference(None, field_type=int)
     c.model.depth = ml_collections.FieldReference(None, field_type=int)

@@ -242,7 +242,7 @@ def compile_train_step(config, mesh, global_batch: int):
                                            sharding=batch_sharding(mesh, 4)),
                  "y": jax.ShapeDtypeStruct((global_batch,), jnp.int32,
                                            sharding=batch_sharding(mesh, 1))}
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         try:
             compiled = step.trace(shardings_to_abstract(abstract, shardings),
                                   shardings_to_abstract(abstract_buffers, buffer_shardings),
@@ -255,6 +255,9 @@ def compile_train_step(config, mesh, global_batch: int):
                 f"(pip install 'jax[cuda12]') or plan with --config.model.attention_impl=xla"
                 ) from None
         seconds = time.perf_counter() - start
+        # CPU time of all of this process's threads: what the compile costs on an idle machine
+        # (the wall time above also counts other programs sharing the cores).
+        compiled._plan_cpu_seconds = time.process_time() - start_cpu
     return compiled, model_cfg, seconds
 
 
@@ -470,6 +473,7 @@ def plan_point(config, mesh, target: Target, global_batch: int, memory_bytes: in
                memory_fraction: float) -> dict[str, Any]:
     compiled, model_cfg, seconds = compile_train_step(config, mesh, global_batch)
     point = {"global_batch": global_batch, "compile_seconds": round(seconds, 2),
+             "compile_cpu_seconds": round(getattr(compiled, "_plan_cpu_seconds", 0.0), 2),
              **memory_of(compiled)}
     point["fits"] = point["peak_bytes_per_device"] <= memory_fraction * memory_bytes
     return point, compiled, model_cfg
@@ -659,7 +663,8 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"temporaries {g(plan['temp_bytes_per_device'])}",
         f"peak {g(plan['peak_bytes_per_device'])} of {g(plan['memory_bytes_per_device'])} "
         f"({plan['memory_fraction']:.0%} usable): {'fits' if plan['fits'] else 'DOES NOT FIT'}",
-        f"compile {plan['compile_seconds']:.1f} s on this host",
+        f"compile {plan['compile_seconds']:.1f} s on this host ({plan['compile_cpu_seconds']:.1f} s "
+        f"of CPU time)",
         f"model FLOPs per step {plan['model_flops_per_step']:.3e}",
     ]
     if plan["compute_bound_step_seconds"]:

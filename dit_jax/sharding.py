@@ -95,6 +95,33 @@ def logical_to_mesh_spec(logical: Sequence[str | None] | None, shape: Sequence[i
             spec.append(axes[0] if len(axes) == 1 else axes)
         else:
             spec.append(None)
+    return _tile_aligned_fsdp(spec, shape, mesh)
+
+
+# TPUs store an array in tiles of 8 rows (sublanes) by 128 columns (lanes), and XLA lays a small
+# sharded dimension out as the rows: a shard of 9 rows takes the room of 16.
+_TPU_SUBLANES = 8
+
+
+def _tile_aligned_fsdp(spec: list, shape: Sequence[int], mesh: Mesh) -> P:
+    """Move the fsdp split of a matrix to another, unsplit dimension when that wastes less of
+    the TPU's memory tiles. Which dimension fsdp splits changes nothing in what is computed (the
+    weight is gathered whole before use), only the padding of the shards: DiT-XL's width 1152
+    over 128 devices leaves 9-row shards padded to 16 (1.78×), while its MLP width 4608 leaves 36
+    (1.11×)."""
+    if "fsdp" not in spec or len(shape) < 2:
+        return P(*spec)
+    n = mesh.shape["fsdp"]
+
+    def waste(local: int) -> float:
+        return -(-local // _TPU_SUBLANES) * _TPU_SUBLANES / local
+
+    at = spec.index("fsdp")
+    best = at
+    for i, (entry, dim) in enumerate(zip(spec, shape)):
+        if entry is None and dim % n == 0 and waste(dim // n) < waste(shape[best] // n):
+            best = i
+    spec[at], spec[best] = spec[best], spec[at]
     return P(*spec)
 
 

@@ -1,0 +1,73 @@
+"""The plans of BENCHMARKS.md: `python bench/run_plans.py [--only NAME ...]` runs
+`python -m dit_jax.plan` for each row below (one process at a time: only one may load libtpu) and
+writes bench/results/plans/NAME.json, then prints the markdown table. Needs the `tpu` extra (and
+the `cuda` extra for the GPU rows). Compiler figures, not measurements: see docs/plan.md."""
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "bench" / "results" / "plans"
+
+# name: (target, model, image size, mesh data, mesh fsdp, extra flags)
+ROWS = {
+    "xl2_256_v5e-256": ("v5e-256", "XL/2", 256, 16, 16, ["--search=batch,remat"]),
+    "xl2_256_v5e-256_fsdp128": ("v5e-256", "XL/2", 256, 2, 128, ["--search="]),
+    "xl2_512_v5e-256": ("v5e-256", "XL/2", 512, 16, 16, []),
+    "b2_256_v5e-256": ("v5e-256", "B/2", 256, 16, 16, []),
+    "b2_512_v5e-256": ("v5e-256", "B/2", 512, 16, 16, []),
+    "xl2_256_v5p-128": ("v5p-128", "XL/2", 256, 4, 16, []),
+    "xl2_256_v6e-256": ("v6e-256", "XL/2", 256, 16, 16, []),
+    "xl2_256_2xv5e-256": ("2xv5e-256", "XL/2", 256, 32, 16, []),
+    "xl2_256_h100-8": ("h100-8", "XL/2", 256, 1, 8, ["--config.model.attention_impl=xla"]),
+    "xl2_256_4xh100-8": ("4xh100-8", "XL/2", 256, 4, 8, ["--config.model.attention_impl=xla"]),
+}
+
+
+def run(name):
+    target, model, size, data, fsdp, extra = ROWS[name]
+    extra = list(extra)
+    if not any(e.startswith("--search") for e in extra):
+        extra.append("--search=batch")
+    cmd = [sys.executable, "-m", "dit_jax.plan", f"--target={target}",
+           f"--config=configs/dit.py:{model}", f"--config.data.image_size={size}",
+           f"--config.mesh.data={data}", f"--config.mesh.fsdp={fsdp}", "--max_compiles=4",
+           f"--json={OUT / (name + '.json')}", *extra]
+    print(" ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=False)
+
+
+def table():
+    rows = ["| plan | target | mesh (data×fsdp) | batch | peak / device | fits | largest batch "
+            "(remat none / full) | compile s | compute-bound img/s | collectives ms (bw-bound) |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for name in ROWS:
+        path = OUT / f"{name}.json"
+        if not path.exists():
+            continue
+        p = json.loads(path.read_text())
+        largest = str(p.get("max_global_batch"))
+        if "max_global_batch_remat_full" in p:
+            largest += f" / {p['max_global_batch_remat_full']}"
+        rows.append(
+            f"| {p['model']} {p['image_size']} px | {p['target']} | {p['mesh']['data']}×"
+            f"{p['mesh']['fsdp']} | {p['global_batch']} | "
+            f"{p['peak_bytes_per_device'] / 2**30:.2f} of {p['memory_bytes_per_device'] / 2**30:.0f} GiB"
+            f" | {'yes' if p['fits'] else 'no'} | {largest} | {p['compile_seconds']:.0f} | "
+            f"{p['compute_bound_images_per_second']:.0f} | "
+            f"{p['collective_seconds_bandwidth_bound'] * 1e3:.1f} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--only", nargs="*", default=None, help="row names (default: all)")
+    parser.add_argument("--table", action="store_true", help="only print the table")
+    args = parser.parse_args()
+    if not args.table:
+        for name in args.only or ROWS:
+            run(name)
+    print(table())
