@@ -1,7 +1,8 @@
 """Compile/memory plans for accelerators this machine does not have.
 
     python -m dit_jax.plan --target=v5e-256 --config=configs/dit.py:XL/2 \\
-        --config.mesh.fsdp=16 [--config.key=value ...] [--json=plan.json] [--search=batch,remat]
+        --config.mesh.fsdp=16 [--config.key=value ...] [--json=plan.json] \\
+        [--search=batch,remat] [--sample]
 
 The train step is built exactly as train.py builds it (the same state, optimiser, step and
 shardings from dit_jax.train and dit_jax.sharding) and compiled ahead of time for TARGET's
@@ -259,6 +260,38 @@ def compile_train_step(config, mesh, global_batch: int):
         # (the wall time above also counts other programs sharing the cores).
         compiled._plan_cpu_seconds = time.process_time() - start_cpu
     return compiled, model_cfg, seconds
+
+
+def compile_sampler(config, mesh, batch_size: int):
+    """(compiled executable, seconds) of the guided sampler of `config` (sample.sampler,
+    sample.steps, sample.cfg_scale) drawing `batch_size` latents on `mesh`: the program of
+    sample.py and of the training sample grids, without the VAE decoder."""
+    import jax
+    import jax.numpy as jnp
+
+    from dit_jax.sampling import ChunkSampler
+    from dit_jax.sharding import batch_sharding, state_shardings
+    from dit_jax.train.loop import shardings_to_abstract
+    from dit_jax.train.state import split_model
+
+    model_cfg = run_model_config(config)
+    s = config.sample
+    cfg_scale = float(s.cfg_scale) if model_cfg.class_dropout_prob > 0 else 1.0
+    with jax.set_mesh(mesh):
+        graphdef, params, buffers = split_model(model_cfg)
+        sampler = ChunkSampler(graphdef, (params, buffers), mesh=mesh, batch_size=batch_size,
+                               seed=0, sampler=s.sampler, steps=int(s.steps), cfg_scale=cfg_scale,
+                               noise_schedule=config.diffusion.noise_schedule,
+                               diffusion_steps=int(config.diffusion.diffusion_steps))
+        weights = shardings_to_abstract((params, buffers), state_shardings((params, buffers), mesh))
+        labels = jax.ShapeDtypeStruct((sampler.padded,), jnp.int32,
+                                      sharding=batch_sharding(mesh, 1))
+        start = time.perf_counter()
+        # The sampler's jitted program itself (what its __call__ runs), traced abstractly.
+        compiled = sampler._run.trace(weights, None, jax.ShapeDtypeStruct((), jnp.int32),
+                                      labels).lower().compile()
+        seconds = time.perf_counter() - start
+    return compiled, seconds
 
 
 def memory_of(compiled) -> dict[str, int]:
@@ -546,8 +579,10 @@ def search_max_batch(config, mesh, target: Target, memory_bytes: int, memory_fra
 
 
 def make_plan(config, target_name: str, *, search: tuple[str, ...] = ("batch", "remat"),
-              memory_fraction: float = 0.95, max_compiles: int = 8, log=print) -> dict[str, Any]:
-    """Compile the train step of `config` for `target_name` and report what it needs."""
+              memory_fraction: float = 0.95, max_compiles: int = 8, sample: bool = False,
+              log=print) -> dict[str, Any]:
+    """Compile the train step of `config` (and with `sample` the guided sampler) for
+    `target_name` and report what it needs."""
     import jax
 
     from dit_jax import __version__
@@ -627,6 +662,18 @@ def make_plan(config, target_name: str, *, search: tuple[str, ...] = ("batch", "
                                          "fits": p["fits"]} for b, p in sorted(known.items())}
     else:
         plan["max_global_batch"] = None
+    if sample:
+        samples = int(config.sample.num_images)
+        log(f"compiling the guided sampler ({config.sample.sampler}, {config.sample.steps} steps) "
+            f"for {samples} images")
+        compiled_sampler, seconds = compile_sampler(config, mesh, samples)
+        memory_sample = memory_of(compiled_sampler)
+        plan["sample"] = {"images": samples, "sampler": config.sample.sampler,
+                          "steps": int(config.sample.steps),
+                          "cfg_scale": float(config.sample.cfg_scale),
+                          "compile_seconds": round(seconds, 2), **memory_sample,
+                          "fits": memory_sample["peak_bytes_per_device"]
+                          <= memory_fraction * memory}
     if "remat" in search:
         other = config.copy_and_resolve_references()
         remat = str(config.model.remat).lower()
@@ -679,6 +726,11 @@ def format_plan(plan: dict[str, Any]) -> str:
                          f"sends {c['traffic_bytes'] / 2**20:10.1f} MiB "
                          f"({c['cross_group_traffic_bytes'] / 2**20:.1f} across slices/nodes), "
                          f"{c['seconds'] * 1e3:.2f} ms")
+    if "sample" in plan:
+        sp = plan["sample"]
+        lines.append(f"sampler ({sp['sampler']}, {sp['steps']} steps, guidance {sp['cfg_scale']}, "
+                     f"{sp['images']} images): peak {g(sp['peak_bytes_per_device'])}, "
+                     f"{'fits' if sp['fits'] else 'DOES NOT FIT'}, compile {sp['compile_seconds']:.1f} s")
     if plan.get("max_global_batch") is not None:
         lines.append(f"largest global batch that fits: {plan['max_global_batch']}"
                      + ("" if plan.get("max_global_batch_confirmed") else " (boundary not confirmed)"))
@@ -705,7 +757,7 @@ def main(argv):
     try:
         plan = make_plan(config, FLAGS.target, search=search,
                          memory_fraction=FLAGS.memory_fraction, max_compiles=FLAGS.max_compiles,
-                         log=lambda s: print(s, file=sys.stderr, flush=True))
+                         sample=FLAGS.sample, log=lambda s: print(s, file=sys.stderr, flush=True))
     except (ValueError, RuntimeError) as err:
         raise SystemExit(f"dit_jax.plan: {err}") from None
     print(format_plan(plan))
@@ -728,6 +780,8 @@ def _define_flags():
                         "toggled), both, or '' for none")
     flags.DEFINE_float("memory_fraction", 0.95, "share of device memory the program may use")
     flags.DEFINE_integer("max_compiles", 8, "compiles per batch search at most")
+    flags.DEFINE_bool("sample", False, "also compile the guided sampler (config.sample: sampler, "
+                      "steps, cfg_scale, num_images) without the VAE decoder")
     flags.mark_flags_as_required(["config", "target"])
 
 

@@ -125,7 +125,8 @@ def test_plan_json_keys_an_impossible_batch_and_the_boundary():
     assert slope > 0
     limit = peaks[unit] + 2.5 * unit * slope
     config.global_batch_size = 4 * unit
-    result = plan.make_plan(config, "v5e-4", search=("batch",),
+    config.sample.num_images, config.sample.steps = 4, 5
+    result = plan.make_plan(config, "v5e-4", search=("batch",), sample=True,
                             memory_fraction=limit / (16 * plan.GiB), log=lambda s: None)
     for key in PLAN_KEYS:
         assert key in result, key
@@ -136,6 +137,7 @@ def test_plan_json_keys_an_impossible_batch_and_the_boundary():
     assert result["batch_points"][str(best)]["fits"]
     assert not result["batch_points"][str(best + unit)]["fits"]
     assert best == 3 * unit
+    assert result["sample"]["peak_bytes_per_device"] > 0 and result["sample"]["steps"] == 5
     assert result["model_flops_per_step"] > 0 and result["compute_bound_images_per_second"] > 0
     assert result["collectives"]["all-reduce"]["count"] + result["collectives"]["reduce-scatter"][
         "count"] > 0  # gradients are summed over the batch devices
@@ -203,3 +205,15 @@ def test_fsdp_shards_of_dit_xl_waste_little_tpu_memory():
             jax.ShapeDtypeStruct(shape, jnp.float32)).lower().compile()
         stored = compiled.memory_analysis().argument_size_in_bytes
         assert stored <= 1.12 * 4 * math.prod(sharding.shard_shape(shape)), (logical, stored)
+
+
+def test_guided_sampler_compiles_on_a_cpu_mesh():
+    from dit_jax.sharding import make_mesh
+
+    config = tiny_config()
+    config.model.attention_impl = "xla"
+    config.sample.sampler, config.sample.steps = "ddim", 3
+    compiled, seconds = plan.compile_sampler(config, make_mesh(4, 2, 1), 8)
+    memory = plan.memory_of(compiled)
+    assert seconds > 0 and memory["argument_bytes_per_device"] > 0
+    assert "while" in compiled.as_text()  # the sampling loop
