@@ -174,16 +174,19 @@ def test_fsdp_split_moves_to_the_dimension_that_tiles_better():
     import jax
     from jax.sharding import PartitionSpec as P
 
-    from dit_jax.sharding import logical_to_mesh_spec
+    from dit_jax.sharding import logical_to_mesh_spec, param_spec
 
     mesh = jax.sharding.AbstractMesh((2, 128, 1), ("data", "fsdp", "tensor"))
-    assert logical_to_mesh_spec(("embed", "mlp"), (1152, 4608), mesh) == P(None, "fsdp")
-    assert logical_to_mesh_spec(("mlp", "embed"), (4608, 1152), mesh) == P("fsdp", None)
-    assert logical_to_mesh_spec(("layers", "embed", "qkv"), (28, 1152, 3456), mesh) == P(
-        None, None, "fsdp")
+    assert logical_to_mesh_spec(("embed", "mlp"), (1152, 4608), mesh) == P("fsdp", None)
+    assert param_spec(("embed", "mlp"), (1152, 4608), mesh) == P(None, "fsdp")
+    assert param_spec(("mlp", "embed"), (4608, 1152), mesh) == P("fsdp", None)
+    assert param_spec(("layers", "embed", "qkv"), (28, 1152, 3456), mesh) == P(None, None, "fsdp")
     aligned = jax.sharding.AbstractMesh((16, 16, 1), ("data", "fsdp", "tensor"))
-    assert logical_to_mesh_spec(("embed", "mlp"), (1152, 4608), aligned) == P("fsdp", None)
-    assert logical_to_mesh_spec(("embed",), (1152,), mesh) == P("fsdp")
+    assert param_spec(("embed", "mlp"), (1152, 4608), aligned) == P("fsdp", None)
+    assert param_spec(("embed",), (1152,), mesh) == P("fsdp")
+    # Activations keep the logical rules: the batch stays split over the batch axes.
+    assert logical_to_mesh_spec(("batch", None), (4, 16), jax.sharding.AbstractMesh(
+        (1, 4, 1), ("data", "fsdp", "tensor"))) == P("fsdp", None)
 
 
 @needs_libtpu
@@ -194,12 +197,12 @@ def test_fsdp_shards_of_dit_xl_waste_little_tpu_memory():
     import jax.numpy as jnp
     from jax.sharding import NamedSharding
 
-    from dit_jax.sharding import logical_to_mesh_spec, make_mesh
+    from dit_jax.sharding import make_mesh, param_spec
 
     mesh = make_mesh(2, 128, 1, devices=plan.target_devices(plan.parse_target("v5e-256")))
     for logical, shape in [(("embed", "mlp"), (1152, 4608)), (("mlp", "embed"), (4608, 1152)),
                            (("layers", "embed", "modulation"), (28, 1152, 6912))]:
-        sharding = NamedSharding(mesh, logical_to_mesh_spec(logical, shape, mesh))
+        sharding = NamedSharding(mesh, param_spec(logical, shape, mesh))
         compiled = jax.jit(lambda a: a * 2, in_shardings=sharding, out_shardings=sharding,
                            donate_argnums=0).trace(
             jax.ShapeDtypeStruct(shape, jnp.float32)).lower().compile()
