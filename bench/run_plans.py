@@ -54,6 +54,10 @@ def table():
             continue
         p = json.loads(path.read_text())
         largest = str(p.get("max_global_batch"))
+        if p.get("max_global_batch") is None:
+            largest = "not searched"
+        elif not p.get("max_global_batch_confirmed"):
+            largest = f"≥ {p['max_global_batch']}, ~{p.get('max_global_batch_estimate', '?')}"
         if "max_global_batch_remat_full" in p:
             largest += f" / {p['max_global_batch_remat_full']}"
         rows.append(

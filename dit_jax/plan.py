@@ -521,15 +521,18 @@ def search_max_batch(config, mesh, target: Target, memory_bytes: int, memory_fra
     unit = batch_unit(config, mesh)
     limit = memory_fraction * memory_bytes
 
+    compiles = 0
+
     def at(b):
+        nonlocal compiles
         if b not in known:
+            compiles += 1
             known[b] = plan_point(config, mesh, target, b, memory_bytes, memory_fraction)[0]
             log(f"  batch {b}: peak {known[b]['peak_bytes_per_device'] / GiB:.2f} GiB "
                 f"({'fits' if known[b]['fits'] else 'does not fit'}, "
                 f"{known[b]['compile_seconds']:.0f} s to compile)")
         return known[b]
 
-    compiles = 0
     lo, hi = 0, None  # largest known fitting, smallest known non-fitting (batch sizes)
     for b, p in known.items():
         if p["fits"]:
@@ -541,7 +544,6 @@ def search_max_batch(config, mesh, target: Target, memory_bytes: int, memory_fra
         if len(known) >= 2 or compiles >= max_compiles:
             break
         p = at(b)
-        compiles += 1
         lo, hi = (max(lo, b), hi) if p["fits"] else (lo, b if hi is None else min(hi, b))
     while compiles < max_compiles:
         if hi is not None and hi - lo <= unit:
@@ -568,14 +570,21 @@ def search_max_batch(config, mesh, target: Target, memory_bytes: int, memory_fra
             if guess in known or guess <= lo:
                 break
         p = at(guess)
-        compiles += 1
         if p["fits"]:
             lo = max(lo, guess)
         else:
             hi = guess if hi is None else min(hi, guess)
     exact = hi is not None and hi - lo <= unit
+    # The line through the two smallest batches compiled, where the search stopped short.
+    (b0, m0), (b1, m1) = (sorted((b, p["peak_bytes_per_device"]) for b, p in known.items())
+                          + [(0, 0)] * 2)[:2]
+    estimate = lo
+    if b1 > b0 and m1 > m0:
+        estimate = max(lo, int((limit - m0) / ((m1 - m0) / (b1 - b0)) + b0) // unit * unit)
+        if hi is not None:
+            estimate = min(estimate, hi - unit)
     return {"max_global_batch": lo, "boundary_confirmed": exact, "compiles": compiles,
-            "points": sorted(known)}
+            "estimate": estimate, "points": sorted(known)}
 
 
 def make_plan(config, target_name: str, *, search: tuple[str, ...] = ("batch", "remat"),
@@ -658,6 +667,8 @@ def make_plan(config, target_name: str, *, search: tuple[str, ...] = ("batch", "
                                  max_compiles=max_compiles, log=log)
         plan["max_global_batch"] = found["max_global_batch"]
         plan["max_global_batch_confirmed"] = found["boundary_confirmed"]
+        # Linear in the batch from the compiles made: the answer where the search stopped short.
+        plan["max_global_batch_estimate"] = found["estimate"]
         plan["batch_points"] = {str(b): {"peak_bytes_per_device": p["peak_bytes_per_device"],
                                          "fits": p["fits"]} for b, p in sorted(known.items())}
     else:
@@ -733,7 +744,9 @@ def format_plan(plan: dict[str, Any]) -> str:
                      f"{'fits' if sp['fits'] else 'DOES NOT FIT'}, compile {sp['compile_seconds']:.1f} s")
     if plan.get("max_global_batch") is not None:
         lines.append(f"largest global batch that fits: {plan['max_global_batch']}"
-                     + ("" if plan.get("max_global_batch_confirmed") else " (boundary not confirmed)"))
+                     + ("" if plan.get("max_global_batch_confirmed") else
+                        f" (compiled; boundary not confirmed: about "
+                        f"{plan['max_global_batch_estimate']} by the peak's slope)"))
     for key in ("max_global_batch_remat_full", "max_global_batch_remat_none"):
         if key in plan:
             lines.append(f"  with model.remat={key.rsplit('_', 1)[1]}: {plan[key]}")
