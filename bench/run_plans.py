@@ -13,17 +13,21 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "plans"
 
 # name: (target, model, image size, mesh data, mesh fsdp, extra flags)
+SCAN = "--config.model.scan_blocks=True"
 ROWS = {
-    "xl2_256_v5e-256": ("v5e-256", "XL/2", 256, 16, 16, ["--search=batch"]),
+    "xl2_256_v5e-256": ("v5e-256", "XL/2", 256, 16, 16, [SCAN, "--search=batch"]),
     "xl2_256_h100-8": ("h100-8", "XL/2", 256, 1, 8, ["--config.model.attention_impl=xla"]),
-    "xl2_256_v5p-128": ("v5p-128", "XL/2", 256, 4, 16, []),
-    "xl2_256_v6e-256": ("v6e-256", "XL/2", 256, 16, 16, []),
-    "xl2_256_2xv5e-256": ("2xv5e-256", "XL/2", 256, 32, 16, []),
-    "b2_256_v5e-256": ("v5e-256", "B/2", 256, 16, 16, []),
-    "xl2_512_v5e-256": ("v5e-256", "XL/2", 512, 16, 16, []),
+    "xl2_256_h100-8_scanned": ("h100-8", "XL/2", 256, 1, 8,
+                               [SCAN, "--config.model.attention_impl=xla"]),
+    "xl2_256_v5p-128": ("v5p-128", "XL/2", 256, 4, 16, [SCAN]),
+    "xl2_256_v6e-256": ("v6e-256", "XL/2", 256, 16, 16, [SCAN]),
+    "xl2_256_2xv5e-256": ("2xv5e-256", "XL/2", 256, 32, 16,
+                          [SCAN, "--config.global_batch_size=512"]),
+    "b2_256_v5e-256": ("v5e-256", "B/2", 256, 16, 16, [SCAN]),
+    "xl2_512_v5e-256": ("v5e-256", "XL/2", 512, 16, 16, [SCAN]),
+    "b2_512_v5e-256": ("v5e-256", "B/2", 512, 16, 16, [SCAN]),
+    "xl2_256_v5e-256_fsdp128": ("v5e-256", "XL/2", 256, 2, 128, [SCAN]),
     "xl2_256_4xh100-8": ("4xh100-8", "XL/2", 256, 4, 8, ["--config.model.attention_impl=xla"]),
-    "b2_512_v5e-256": ("v5e-256", "B/2", 512, 16, 16, []),
-    "xl2_256_v5e-256_fsdp128": ("v5e-256", "XL/2", 256, 2, 128, []),
 }
 # Rows without a --search flag of their own are planned at the config's batch only: each compile
 # of an XL/2 step took minutes on the 2 shared cores that made BENCHMARKS.md's table. Give a row

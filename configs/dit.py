@@ -37,10 +37,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Rematerialisation per block: "none", "full" (recompute everything in the backward pass), or a
     # jax.checkpoint_policies name that keeps some results, e.g. "dots_with_no_batch_dims_saveable".
     c.model.remat = "none"
-    # One stacked block scanned depth times: the step compiles in a fraction of the time (the
-    # XL/2 step for a v5e-256 slice: about a minute on 2 CPU cores instead of 4-5); checkpoints
-    # and ports convert between the plain and scanned forms.
-    c.model.scan_blocks = True
+    # One stacked block scanned depth times. On TPUs the XL/2 step then compiles 4-5× faster (for
+    # a v5e-256 slice: ~30 s of CPU time instead of minutes) with the same memory; but the GPU
+    # compiler partitions the scanned form badly under fsdp (XL/2 on 8 H100s, batch 256: 151 GiB
+    # per GPU instead of 19 GiB, see BENCHMARKS.md), so it stays off by default: set it for TPUs.
+    c.model.scan_blocks = False
     # Plain hyper-parameters for custom sizes; used when name is "" (None means: from name).
     c.model.hidden_size = ml_collections.FieldReference(None, field_type=int)
     c.model.depth = ml_collections.FieldReference(None, field_type=int)
