@@ -313,9 +313,9 @@ def memory_of(compiled) -> dict[str, int]:
     return out
 
 
-def ideal_state_bytes_per_device(config, mesh) -> int:
-    """Bytes per device of the train state if each array's shards were exactly its size divided
-    by the devices it is split over (no padding to the device's memory tiles)."""
+def ideal_state_bytes_per_device(config, mesh, *, params_only: bool = False) -> int:
+    """Bytes per device of the train state (or of its parameters alone) if each array's shards
+    were exactly its size divided by the devices it is split over (no padding to memory tiles)."""
     import jax
 
     from dit_jax.train.state import abstract_train_state, make_optimizer, train_state_shardings
@@ -324,6 +324,8 @@ def ideal_state_bytes_per_device(config, mesh) -> int:
     tx, _ = make_optimizer(config.optim, int(config.total_steps))
     abstract = abstract_train_state(model_cfg, tx)
     shardings = train_state_shardings(abstract, mesh)
+    if params_only:
+        abstract, shardings = abstract.params, shardings.params
     total = 0
     for leaf, sharding in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)):
         shard = sharding.shard_shape(leaf.shape)
@@ -484,6 +486,17 @@ def collectives_of(hlo_text: str, num_devices: int, group_of_device=None) -> dic
     return {"by_kind": kinds, "unknown_trip_counts": unknown_trips}
 
 
+def dcn_gradient_all_reduce(param_bytes_per_device: int, slices: int,
+                            bytes_per_second: float) -> dict[str, float]:
+    """The gradient all-reduce between TPU slices, estimated from the parameters' shard size: a
+    multi-slice program's compiled text holds only the collectives within a slice (the runtime
+    adds those over the data-centre network), so they cannot be counted there. Each device
+    reduces its float32 gradient shard with its counterparts in the other slices (ring:
+    2(K−1)/K of the shard sent)."""
+    traffic = 2 * (slices - 1) / slices * param_bytes_per_device
+    return {"traffic_bytes": int(traffic), "seconds": traffic / bytes_per_second}
+
+
 def link_speeds(target: Target) -> tuple[float, float]:
     """(bytes/s per device within a slice or node, bytes/s per device between them)."""
     if target.platform == "tpu":
@@ -589,7 +602,7 @@ def search_max_batch(config, mesh, target: Target, memory_bytes: int, memory_fra
 
 def make_plan(config, target_name: str, *, search: tuple[str, ...] = ("batch", "remat"),
               memory_fraction: float = 0.95, max_compiles: int = 8, sample: bool = False,
-              log=print) -> dict[str, Any]:
+              dump_hlo: str | None = None, log=print) -> dict[str, Any]:
     """Compile the train step of `config` (and with `sample` the guided sampler) for
     `target_name` and report what it needs."""
     import jax
@@ -626,6 +639,11 @@ def make_plan(config, target_name: str, *, search: tuple[str, ...] = ("batch", "
         entry["seconds"] = (entry["traffic_bytes"] - cross) / intra + cross / inter
         seconds += entry["seconds"]
     ideal = ideal_state_bytes_per_device(config, mesh)
+    dcn = None
+    if target.platform == "tpu" and target.groups > 1:
+        dcn = dcn_gradient_all_reduce(ideal_state_bytes_per_device(config, mesh, params_only=True),
+                                      target.groups, inter)
+        seconds += dcn["seconds"]
     plan = {
         "target": target.name,
         "platform": target.platform,
@@ -651,10 +669,13 @@ def make_plan(config, target_name: str, *, search: tuple[str, ...] = ("batch", "
         "collectives": colls["by_kind"],
         "collective_seconds_bandwidth_bound": seconds,
         "collective_trip_counts_unknown": colls["unknown_trip_counts"],
+        "dcn_gradient_all_reduce": dcn,
         "link_bytes_per_second": {"within": intra, "between": inter},
         "versions": {"jax": jax.__version__, "dit_jax": __version__, **_backend_versions()},
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
     }
+    if dump_hlo:
+        Path(dump_hlo).write_text(compiled.as_text())
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     if cost and cost.get("flops"):
@@ -742,6 +763,10 @@ def format_plan(plan: dict[str, Any]) -> str:
         lines.append(f"sampler ({sp['sampler']}, {sp['steps']} steps, guidance {sp['cfg_scale']}, "
                      f"{sp['images']} images): peak {g(sp['peak_bytes_per_device'])}, "
                      f"{'fits' if sp['fits'] else 'DOES NOT FIT'}, compile {sp['compile_seconds']:.1f} s")
+    if plan.get("dcn_gradient_all_reduce"):
+        d = plan["dcn_gradient_all_reduce"]
+        lines.append(f"  gradient all-reduce between slices (estimated, not in the compiled text): "
+                     f"sends {d['traffic_bytes'] / 2**20:.1f} MiB, {d['seconds'] * 1e3:.2f} ms")
     if plan.get("max_global_batch") is not None:
         lines.append(f"largest global batch that fits: {plan['max_global_batch']}"
                      + ("" if plan.get("max_global_batch_confirmed") else
@@ -770,7 +795,7 @@ def main(argv):
     try:
         plan = make_plan(config, FLAGS.target, search=search,
                          memory_fraction=FLAGS.memory_fraction, max_compiles=FLAGS.max_compiles,
-                         sample=FLAGS.sample, log=lambda s: print(s, file=sys.stderr, flush=True))
+                         sample=FLAGS.sample, dump_hlo=FLAGS.dump_hlo, log=lambda s: print(s, file=sys.stderr, flush=True))
     except (ValueError, RuntimeError) as err:
         raise SystemExit(f"dit_jax.plan: {err}") from None
     print(format_plan(plan))
@@ -793,6 +818,7 @@ def _define_flags():
                         "toggled), both, or '' for none")
     flags.DEFINE_float("memory_fraction", 0.95, "share of device memory the program may use")
     flags.DEFINE_integer("max_compiles", 8, "compiles per batch search at most")
+    flags.DEFINE_string("dump_hlo", None, "write the compiled train step's HLO text here")
     flags.DEFINE_bool("sample", False, "also compile the guided sampler (config.sample: sampler, "
                       "steps, cfg_scale, num_images) without the VAE decoder")
     flags.mark_flags_as_required(["config", "target"])
