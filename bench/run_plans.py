@@ -48,27 +48,41 @@ def run(name):
     subprocess.run(cmd, cwd=ROOT, check=False)
 
 
+def _estimate(p, unit):
+    """The linear estimate of the largest batch from the compiled points (plans made before the
+    planner reported it)."""
+    points = sorted((int(b), v["peak_bytes_per_device"]) for b, v in p["batch_points"].items())
+    (b0, m0), (b1, m1) = points[:2]
+    limit = p["memory_fraction"] * p["memory_bytes_per_device"]
+    guess = int((limit - m0) / ((m1 - m0) / (b1 - b0)) + b0) // unit * unit
+    failing = [b for b, v in p["batch_points"].items() if not v["fits"]]
+    return min([guess] + [int(b) - unit for b in failing])
+
+
 def table():
-    rows = ["| plan | target | mesh (data×fsdp) | batch | peak / device | fits | largest batch "
-            "(remat none / full) | compile s | compute-bound img/s | collectives ms (bw-bound) |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| plan | target | mesh data×fsdp | blocks | batch | peak / device | fits | largest "
+            "batch | compile s (wall / CPU) | compute-bound img/s | collectives ms |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in ROWS:
         path = OUT / f"{name}.json"
         if not path.exists():
             continue
         p = json.loads(path.read_text())
-        largest = str(p.get("max_global_batch"))
+        unit = p["mesh"]["data"] * p["mesh"]["fsdp"]
         if p.get("max_global_batch") is None:
-            largest = "not searched"
-        elif not p.get("max_global_batch_confirmed"):
-            largest = f"≥ {p['max_global_batch']}, ~{p.get('max_global_batch_estimate', '?')}"
-        if "max_global_batch_remat_full" in p:
-            largest += f" / {p['max_global_batch_remat_full']}"
+            largest = "–"
+        elif p.get("max_global_batch_confirmed"):
+            largest = str(p["max_global_batch"])
+        else:
+            largest = (f"≥ {p['max_global_batch']}, ~"
+                       f"{p.get('max_global_batch_estimate') or _estimate(p, unit)}")
         rows.append(
             f"| {p['model']} {p['image_size']} px | {p['target']} | {p['mesh']['data']}×"
-            f"{p['mesh']['fsdp']} | {p['global_batch']} | "
+            f"{p['mesh']['fsdp']} | {'scanned' if p['scan_blocks'] else 'plain'} | "
+            f"{p['global_batch']} | "
             f"{p['peak_bytes_per_device'] / 2**30:.2f} of {p['memory_bytes_per_device'] / 2**30:.0f} GiB"
-            f" | {'yes' if p['fits'] else 'no'} | {largest} | {p['compile_seconds']:.0f} | "
+            f" | {'yes' if p['fits'] else 'no'} | {largest} | {p['compile_seconds']:.0f} / "
+            f"{p.get('compile_cpu_seconds') or 0:.0f} | "
             f"{p['compute_bound_images_per_second']:.0f} | "
             f"{p['collective_seconds_bandwidth_bound'] * 1e3:.1f} |")
     return "\n".join(rows)
