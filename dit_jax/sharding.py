@@ -27,8 +27,10 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from dit_jax.models import dit as _dit
 from dit_jax.models.dit import DiT, DiTConfig, split_model
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -48,6 +50,9 @@ LOGICAL_AXIS_RULES: dict[str, Any] = {
     "patch_out": None,
 }
 
+# Logical names of the attention operands (batch, tokens, heads, head_dim).
+ATTENTION_AXES = ("batch", None, "heads", None)
+
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -66,6 +71,18 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
         raise ValueError(
             f"mesh data={sizes[0]} × fsdp={sizes[1]} × tensor={sizes[2]} needs {math.prod(sizes)} "
             f"devices, but {len(devices)} are available")
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices > 1:
+        # Several TPU slices joined by the data-centre network: only the data axis crosses
+        # slices (its gradient all-reduce is the one collective that tolerates the slow links);
+        # fsdp and tensor stay inside a slice, on ICI.
+        if sizes[0] % slices:
+            raise ValueError(f"the devices span {slices} slices: mesh.data={sizes[0]} must be a "
+                             f"multiple of {slices} (fsdp and tensor stay within a slice)")
+        grid = mesh_utils.create_hybrid_device_mesh(
+            (sizes[0] // slices, sizes[1], sizes[2]), (slices, 1, 1), devices,
+            allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
@@ -88,6 +105,41 @@ def logical_to_mesh_spec(logical: Sequence[str | None] | None, shape: Sequence[i
     return P(*spec)
 
 
+def param_spec(logical: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh,
+               rules: dict[str, Any] = LOGICAL_AXIS_RULES) -> P:
+    """PartitionSpec of a parameter (or its EMA and optimiser moments): the logical rules, with
+    the fsdp split placed where the shards waste the least memory tiles."""
+    return _tile_aligned_fsdp(logical_to_mesh_spec(logical, shape, mesh, rules), shape, mesh)
+
+
+# TPUs store an array in tiles of 8 rows (sublanes) by 128 columns (lanes), and XLA lays a small
+# sharded dimension out as the rows: a shard of 9 rows takes the room of 16.
+_TPU_SUBLANES = 8
+
+
+def _tile_aligned_fsdp(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+    """Move the fsdp split of a matrix to another, unsplit dimension when that wastes less of
+    the TPU's memory tiles. Which dimension fsdp splits changes nothing in what is computed (the
+    weight is gathered whole before use), only the padding of the shards: DiT-XL's width 1152
+    over 128 devices leaves 9-row shards padded to 16 (1.78×), while its MLP width 4608 leaves 36
+    (1.11×)."""
+    spec = list(spec) + [None] * (len(shape) - len(spec))
+    if "fsdp" not in spec or len(shape) < 2:
+        return P(*spec)
+    n = mesh.shape["fsdp"]
+
+    def waste(local: int) -> float:
+        return -(-local // _TPU_SUBLANES) * _TPU_SUBLANES / local
+
+    at = spec.index("fsdp")
+    best = at
+    for i, (entry, dim) in enumerate(zip(spec, shape)):
+        if entry is None and dim % n == 0 and waste(dim // n) < waste(shape[best] // n):
+            best = i
+    spec[at], spec[best] = spec[best], spec[at]
+    return P(*spec)
+
+
 def state_shardings(state: Any, mesh: Mesh, rules: dict[str, Any] = LOGICAL_AXIS_RULES) -> Any:
     """NamedShardings for an nnx State (or any tree of Variables), from their logical names.
     Leaves that are plain arrays (e.g. optimiser counters) are replicated."""
@@ -95,8 +147,7 @@ def state_shardings(state: Any, mesh: Mesh, rules: dict[str, Any] = LOGICAL_AXIS
     def sharding(leaf):
         if isinstance(leaf, nnx.Variable):
             logical = leaf.get_metadata().get("out_sharding")
-            return leaf.replace(
-                NamedSharding(mesh, logical_to_mesh_spec(logical, leaf.shape, mesh, rules)))
+            return leaf.replace(NamedSharding(mesh, param_spec(logical, leaf.shape, mesh, rules)))
         return NamedSharding(mesh, P())
 
     return jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -173,3 +224,17 @@ def model_buffers(cfg: DiTConfig, mesh: Mesh) -> nnx.State:
     shardings = state_shardings(abstract, mesh)
     return jax.jit(lambda: nnx.split(DiT(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)[2],
                    out_shardings=shardings)()
+
+
+def attention_spec(shape: Sequence[int], mesh: Mesh | None = None,
+                   rules: dict[str, Any] = LOGICAL_AXIS_RULES) -> P:
+    """PartitionSpec of the (batch, tokens, heads, head_dim) operands and output of a kernel that
+    XLA cannot partition (splash attention), on `mesh` (default: the mesh being traced for):
+    examples split like the batch, heads like the attention's tensor-parallel columns. The
+    kernel runs inside `jax.shard_map` with this spec for its inputs and its output."""
+    mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
+    return logical_to_mesh_spec(ATTENTION_AXES, shape, mesh, rules)
+
+
+# The model runs splash attention under shard_map with this spec (see dit_jax.models.dit).
+_dit.set_attention_partitioning(attention_spec)

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
 # The twelve official configurations (names exactly as the official `DiT_models` dict).
 _SIZES = {
@@ -42,6 +44,7 @@ NUMERICS = {
 
 TIMESTEP_FREQ_DIM = 256
 NORM_EPS = 1e-6
+ATTENTION_IMPLS = ("xla", "cudnn", "splash", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +65,9 @@ class DiTConfig:
     learn_sigma: bool = True
     numerics: str = "official"
     dtype: Any = jnp.float32  # compute dtype of the attention and MLP matmuls
-    attention_impl: str = "xla"  # "xla" or "cudnn" (flash attention on NVIDIA GPUs)
+    # "xla"; "cudnn" (flash attention on NVIDIA GPUs); "splash" (the Pallas flash kernel for TPUs,
+    # run in interpret mode on CPU); "auto": the best of these for the platform at trace time.
+    attention_impl: str = "xla"
     # Rematerialise each block in the backward pass: True recomputes everything; the name of a
     # jax.checkpoint_policies policy (e.g. "dots_with_no_batch_dims_saveable") keeps what it saves.
     remat: bool | str = False
@@ -81,8 +86,9 @@ class DiTConfig:
             raise ValueError("hidden_size must be divisible by 4 for the 2-D sin-cos embedding")
         if self.numerics not in NUMERICS:
             raise ValueError(f"numerics must be one of {sorted(NUMERICS)}, got {self.numerics!r}")
-        if self.attention_impl not in ("xla", "cudnn"):
-            raise ValueError(f"attention_impl must be 'xla' or 'cudnn', got {self.attention_impl!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, "
+                             f"got {self.attention_impl!r}")
         if isinstance(self.remat, str) and not callable(
                 getattr(jax.checkpoint_policies, self.remat, None)):
             raise ValueError(f"remat must be a bool or a jax.checkpoint_policies name, "
@@ -240,8 +246,105 @@ class Attention(nnx.Module):
         batch, tokens, width = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, width // self.num_heads)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+        out = dot_product_attention(q, k, v, self.implementation)
         return self.proj(out.reshape(batch, tokens, width))
+
+
+# --------------------------------------------------------------------------------------------
+# Attention implementations
+
+
+def attention_platform() -> str:
+    """The platform the program being traced is for: that of the devices of the mesh set with
+    `jax.set_mesh` (a TPU mesh while compiling ahead of time from a CPU host), else the default
+    backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
+def resolve_attention_impl(implementation: str, dtype=None, platform: str | None = None) -> str:
+    """The implementation "auto" stands for: splash on TPU; cuDNN flash attention on NVIDIA GPUs
+    for 16-bit inputs (the only dtypes it takes); XLA's attention elsewhere."""
+    if implementation != "auto":
+        return implementation
+    platform = platform or attention_platform()
+    if platform == "tpu":
+        return "splash"
+    if platform in ("gpu", "cuda") and dtype is not None and jnp.dtype(dtype).itemsize == 2:
+        return "cudnn"
+    return "xla"
+
+
+def dot_product_attention(q, k, v, implementation: str = "xla"):
+    """softmax(q·kᵀ / √head_dim)·v over (batch, tokens, heads, head_dim) operands, no mask."""
+    implementation = resolve_attention_impl(implementation, q.dtype)
+    if implementation == "splash":
+        return splash_attention(q, k, v)
+    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+
+
+# How the splash kernel's (batch, tokens, heads, head_dim) operands are split over the mesh being
+# traced for, as a function (shape) -> PartitionSpec. A layout decision, so it belongs to
+# dit_jax.sharding, which installs it here when imported (`set_attention_partitioning`): this
+# file stays free of mesh axes, and every program that builds a mesh with dit_jax has it.
+_attention_partitioning = None
+
+
+def set_attention_partitioning(spec_fn) -> None:
+    global _attention_partitioning
+    _attention_partitioning = spec_fn
+
+
+def splash_attention(q, k, v, *, interpret: bool | None = None):
+    """Non-causal attention with the splash flash-attention kernel (Pallas, for TPUs).
+
+    The kernel attends over (heads, tokens, head_dim) of one example and does not scale: q is
+    pre-scaled by head_dim^-0.5 here. Its blocks are multiples of 128 tokens, so a sequence of
+    another length is padded and the padding kept apart by segment ids (real tokens attend only
+    to real tokens). XLA cannot partition a Pallas kernel, so under a multi-device mesh the
+    kernel runs inside `jax.shard_map`, split as dit_jax.sharding says (batch over the batch axes,
+    heads over the tensor axis). Off TPU it runs in Pallas' interpret mode (slow; for tests).
+    """
+    platform = attention_platform()
+    if interpret is None:
+        if platform in ("gpu", "cuda", "rocm"):
+            raise ValueError("attention_impl='splash' is a TPU kernel; on GPUs use 'cudnn' or 'auto'")
+        interpret = platform != "tpu"
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return _splash_local(q, k, v, interpret=interpret)
+    if _attention_partitioning is None:
+        raise RuntimeError("splash attention under a mesh needs its partitioning: import "
+                           "dit_jax.sharding (which installs it) before tracing the model")
+    spec = _attention_partitioning(q.shape)
+    # check_vma=False: the kernel's pallas_call does not declare how its outputs vary over the
+    # mesh axes; each shard is an independent set of examples and heads, so nothing is reduced.
+    return jax.shard_map(partial(_splash_local, interpret=interpret), mesh=mesh,
+                         in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
+
+
+def _splash_local(q, k, v, *, interpret: bool):
+    batch, tokens, heads, head_dim = q.shape
+    padded = -(-tokens // 128) * 128
+    block = next(b for b in (512, 256, 128) if padded % b == 0)
+    sizes = splash.BlockSizes(
+        block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+        block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    mask = splash.MultiHeadMask([splash.FullMask((padded, padded))] * heads)
+    kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                    interpret=interpret)
+    segments = None
+    if padded != tokens:
+        ids = jnp.asarray(np.arange(padded) >= tokens, jnp.int32)
+        segments = splash.SegmentIds(q=ids, kv=ids)
+
+    def to_kernel(a):  # (B, T, H, D) -> (B, H, T', D)
+        return jnp.pad(a, ((0, 0), (0, padded - tokens), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+    q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
+    out = jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=segments))(
+        to_kernel(q), to_kernel(k), to_kernel(v))
+    return out.transpose(0, 2, 1, 3)[:, :tokens]
 
 
 class Mlp(nnx.Module):
