@@ -71,11 +71,7 @@ def torch_worker(args) -> dict:
     device = common.torch_setup(args.platform)
     dtype = getattr(torch, args.dtype)
     model = common.torch_dit(args.model, image_size=args.image_size, device=device).to(dtype)
-    side = args.image_size // 8
-    generator = torch.Generator().manual_seed(1)
-    x = torch.randn(args.batch, 4, side, side, generator=generator).to(device, dtype)
-    t = torch.randint(0, 1000, (args.batch,), generator=generator).to(device)
-    y = torch.randint(0, 1000, (args.batch,), generator=generator).to(device)
+    x, t, y = common.torch_inputs(args.batch, args.image_size, device, dtype)
 
     def run():
         with torch.inference_mode():

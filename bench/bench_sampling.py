@@ -146,10 +146,7 @@ def torch_worker(args) -> dict:
         scheduler = diffusers.DDPMScheduler(beta_schedule="linear", clip_sample=False,
                                             variance_type="learned_range")
     scheduler.set_timesteps(args.steps)  # on the host, as DiTPipeline keeps them
-    side = args.image_size // 8
-    generator = torch.Generator().manual_seed(1)
-    x_T = torch.randn(args.batch, 4, side, side, generator=generator).to(device)
-    labels = torch.randint(0, 1000, (args.batch,), generator=generator).to(device)
+    x_T, _, labels = common.torch_inputs(args.batch, args.image_size, device)
     y = torch.cat([labels, torch.full_like(labels, NULL_LABEL)])
 
     @torch.inference_mode()

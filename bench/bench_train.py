@@ -7,21 +7,18 @@ GPU the largest XL/2 batch that trains, with and without remat.
     python bench/bench_train.py --only memory            # just the largest-batch search (GPU)
     python bench/bench_train.py --tiny --json /tmp/train.json   # checks that it runs
 
-JAX: the library's step (`dit_jax.train.step.lower_train_step`, as the train loop builds it: one
-jit over a one-device mesh, state donated, EMA inside) with the recipe of configs/dit.py (AdamW lr
-1e-4, betas (0.9, 0.999), no weight decay, EMA 0.9999). PyTorch: diffusers' DiTTransformer2DModel
-patched to the official numerics, the same per-step draws (timesteps, noise, 10% label dropout)
-made on the device, as "torch fast" (bf16 autocast on a GPU, SDPA, fused AdamW, foreach EMA) and
-"torch official" (the official train.py: float32, TF32 on a GPU, default AdamW, EMA loop).
-The throughput rows compare the steps on the ε-MSE objective (learn_sigma=False, 4 output
-channels on both sides), which PyTorch writes in three lines: the official hybrid loss only adds
-element-wise work on the latents (its VB term), so the comparison needs no copy of it. The
-compile and memory sections build the library's full step (hybrid loss).
-
-Defaults: on a CPU DiT-S/2 and DiT-B/4, batch 8, float32, scanned layers, remat saving only the
-matmul outputs; on a GPU DiT-XL/2, batch 32 (the official 256 over 8 GPUs), bfloat16 compute with
-float32 master weights, cuDNN flash attention, scanned layers, no remat.
-Writes bench/results/train_<platform>.json and prints the tables.
+JAX: the library's step (`dit_jax.train.step.lower_train_step`, as the train loop builds it),
+with configs/dit.py's recipe (AdamW lr 1e-4, no weight decay, EMA 0.9999). PyTorch: diffusers'
+DiTTransformer2DModel with the official numerics, the same per-step draws (timesteps, noise, 10%
+label dropout) on the device, as "torch fast" (bf16 autocast on a GPU, SDPA, fused AdamW, foreach
+EMA) and "torch official" (train.py's: float32, TF32 on a GPU, AdamW, EMA loop). The throughput
+rows compare the steps on the ε-MSE objective (learn_sigma=False on both sides), which PyTorch
+writes in three lines: the official hybrid loss only adds element-wise work on the latents (the
+VB term), so the comparison needs no copy of it. The compile and memory sections build the
+library's full step (hybrid loss). Defaults: CPU DiT-S/2 and DiT-B/4, batch 8, float32, remat of
+the element-wise work; GPU DiT-XL/2, batch 32 (the official 256 over 8 GPUs), bfloat16 compute,
+float32 master weights, cuDNN flash attention, no remat. Layers scanned. Writes
+bench/results/train_<platform>.json and prints the tables.
 """
 from __future__ import annotations
 
@@ -41,8 +38,7 @@ EMA_DECAY = 0.9999
 
 
 # On a CPU the step is bound by memory traffic as much as by the matmuls: saving only the
-# matmul outputs and recomputing the element-wise work is faster than saving everything (and
-# than recomputing everything). Measured in BENCHMARKS.md.
+# matmul outputs and recomputing the element-wise work is fastest (BENCHMARKS.md).
 CPU_REMAT = "dots_with_no_batch_dims_saveable"
 
 
@@ -71,8 +67,8 @@ def _compile_step(args, *, batch: int, attention: str | None = None):
     from dit_jax.train.step import StepConfig, lower_train_step
 
     cfg = common.model_config(args.model, args.image_size, dtype=getattr(jnp, args.dtype),
-                              attention_impl=attention or common.jax_attention(args), scan_blocks=args.scan_blocks,
-                              remat=args.remat, learn_sigma=not args.mse)
+                              attention_impl=attention or common.jax_attention(args),
+                              scan_blocks=args.scan_blocks, remat=args.remat, learn_sigma=not args.mse)
     tx, schedule = make_optimizer(dit_configs.base_config().optim, total_steps=1_000_000)
     mesh = make_mesh()
     graphdef, _, abstract_buffers = split_model(cfg)
@@ -98,10 +94,9 @@ def _concrete_inputs(cfg, mesh, tx, shardings, batch, seed=0):
     # Random weights (the official init zeroes the adaLN and output layers); EMA a copy of them.
     params = jax.jit(common.random_params, out_shardings=shardings.params)(state.params)
     state = state.replace(params=params, ema=jax.tree.map(jnp.copy, params))
-    side = cfg.input_size
-    data = {"x": jax.random.normal(jax.random.key(seed + 1), (batch, side, side, 4), jnp.float32),
-            "y": jax.random.randint(jax.random.key(seed + 2), (batch,), 0, 1000, jnp.int32)}
-    data = {k: jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in data.items()}
+    x = jax.random.normal(jax.random.key(seed + 1), (batch, cfg.input_size, cfg.input_size, 4))
+    y = jax.random.randint(jax.random.key(seed + 2), (batch,), 0, 1000, jnp.int32)
+    data = {k: jax.device_put(v, batch_sharding(mesh, v.ndim)) for k, v in {"x": x, "y": y}.items()}
     return state, model_buffers(cfg, mesh), data
 
 
@@ -119,10 +114,10 @@ def jax_worker(args) -> dict:
         return {**row, "compile_s": compile_s, "total_s": lower_s + compile_s, **common.jax_row()}
     with jax.set_mesh(mesh):
         state, buffers, data = _concrete_inputs(cfg, mesh, tx, shardings, args.batch)
-        holder = {"state": state}
+        holder = [state]  # the state is donated: each step feeds the next
 
         def run():
-            holder["state"], metrics = compiled(holder["state"], buffers, data)
+            holder[0], metrics = compiled(holder[0], buffers, data)
             return metrics
 
         timing = common.measure(run, jax.block_until_ready, warmup=args.warmup, iters=args.iters,
@@ -207,10 +202,7 @@ def torch_worker(args) -> dict:
     diffusion = create_diffusion("", learn_sigma=False)
     sqrt_a, sqrt_1ma = (torch.from_numpy(np.asarray(diffusion.tables32[name])).to(device)
                         for name in ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod"))
-    side = args.image_size // 8
-    generator = torch.Generator().manual_seed(1)
-    x = torch.randn(args.batch, 4, side, side, generator=generator).to(device)
-    y = torch.randint(0, 1000, (args.batch,), generator=generator).to(device)
+    x, _, y = common.torch_inputs(args.batch, args.image_size, device)
 
     def mse_loss(t, labels, noise):
         x_t = sqrt_a[t].view(-1, 1, 1, 1) * x + sqrt_1ma[t].view(-1, 1, 1, 1) * noise
@@ -318,29 +310,23 @@ def main(argv=None) -> dict:
                 "--worker", "jax", "--compile-only", *full, "--batch", str(s["compile_batch"]),
                 "--dtype", "bfloat16", "--scan-blocks", str(scan), "--remat", "none"],
                 platform=platform)
-            row.setdefault("scan_blocks", bool(scan))
-            report["compile"].append({"model": s["compile_model"], **row,
+            report["compile"].append({"model": s["compile_model"], "scan_blocks": bool(scan), **row,
                                       "device_kind": common.device_kind([row], platform)})
         tables.append(common.print_table(
             f"Train-step compile time (lower + compile, abstract inputs), batch "
             f"{s['compile_batch']}, bfloat16", report["compile"], common.COMPILE_COLUMNS))
 
-    if "memory" in sections:
-        if platform != "gpu":
-            report["memory_note"] = "the largest-batch search needs a GPU (XLA:CPU has no limit)"
-            print(report["memory_note"])
-        else:
-            for remat in ("none", "full"):
-                row = common.run_worker(SCRIPT, [
-                    "--worker", "memory", *full, "--dtype", s["dtype"], "--scan-blocks",
-                    str(args.scan_blocks), "--remat", remat], platform=platform, mem_fraction=0.95)
-                report["memory"].append({"remat": remat == "full", **row})
-            tables.append(common.print_table(
-                f"Largest {s['compile_model']} batch that trains ({s['dtype']})", report["memory"],
-                [("remat", "remat", ""), ("largest_batch", "largest batch", ""),
-                 ("smallest_failing_batch", "fails at", ""), ("predicted_batch", "predicted", ""),
-                 ("per_image_gb", "GB/image", ".3f"), ("fixed_gb", "fixed GB", ".1f"),
-                 ("device_limit_gb", "limit GB", ".1f")]))
+    if "memory" in sections and platform == "gpu":  # XLA:CPU has no memory limit to fill
+        for remat in ("none", "full"):
+            report["memory"].append({"remat": remat == "full", **common.run_worker(SCRIPT, [
+                "--worker", "memory", *full, "--dtype", s["dtype"], "--scan-blocks",
+                str(args.scan_blocks), "--remat", remat], platform=platform, mem_fraction=0.95)})
+        tables.append(common.print_table(
+            f"Largest {s['compile_model']} batch that trains ({s['dtype']})", report["memory"],
+            [("remat", "remat", ""), ("largest_batch", "largest batch", ""),
+             ("smallest_failing_batch", "fails at", ""), ("predicted_batch", "predicted", ""),
+             ("per_image_gb", "GB/image", ".3f"), ("fixed_gb", "fixed GB", ".1f"),
+             ("device_limit_gb", "limit GB", ".1f")]))
 
     report["tables"] = tables
     common.write_report("train", report, args.json)

@@ -1,12 +1,10 @@
-"""The harness of the benchmarks: the device and XLA flags, the run's environment record, the
-shared command line and worker dispatch, timing, FLOP and peak figures, the PyTorch DiT, and the
-table / JSON output.
+"""The harness of the benchmarks: device and XLA flags, the run's environment, the shared command
+line, worker dispatch, timing, FLOPs and MFU, the PyTorch DiT, tables and JSON.
 
-Every benchmark runs each measured configuration in a worker subprocess of its own (the same
-script with `--worker ...`): one framework per process, so JAX's and PyTorch's allocators never
-share a GPU, the peak memory of a row is that row's alone, and JAX's and PyTorch's thread pools
-never compete on a CPU. The parent collects the rows and computes the ratios, so every ratio comes
-from one invocation on one machine.
+Each measured configuration runs in a worker subprocess of its own (the same script with
+`--worker ...`): one framework per process, so allocators never share a GPU, a row's peak memory
+is its own, and thread pools never compete on a CPU. The parent collects the rows and computes
+the ratios, so every ratio comes from one invocation on one machine.
 """
 
 from __future__ import annotations
@@ -91,13 +89,10 @@ def git_commit() -> str:
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return pyplatform.processor() or pyplatform.machine()
+    info = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in info.read_text().splitlines()
+             if line.startswith("model name")] if info.exists() else []
+    return names[0] if names else pyplatform.processor() or pyplatform.machine()
 
 
 def environment() -> dict[str, Any]:
@@ -170,18 +165,15 @@ def dispatch(args, workers: dict[str, Callable]) -> bool:
     return True
 
 
-def run_worker(script: Path, args: Sequence[str], *, platform: str, timeout: float | None = None,
+def run_worker(script: Path, args: Sequence[str], *, platform: str,
                mem_fraction: float | None = None) -> dict[str, Any]:
     """Run `script --worker ... --out FILE`, return the JSON it wrote, or {"error": ...} with the
     tail of its output when it failed (one failed row does not end the benchmark)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
-        try:
-            proc = subprocess.run([sys.executable, str(script), *args, "--out", str(out)],
-                                  env=worker_env(platform, mem_fraction=mem_fraction), cwd=ROOT,
-                                  capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return {"error": f"timed out after {timeout} s"}
+        proc = subprocess.run([sys.executable, str(script), *args, "--out", str(out)],
+                              env=worker_env(platform, mem_fraction=mem_fraction), cwd=ROOT,
+                              capture_output=True, text=True)
         if proc.returncode != 0 or not out.exists():
             tail = (proc.stdout + proc.stderr)[-3000:].strip()
             print(f"worker failed ({' '.join(args)}):\n{tail}", file=sys.stderr)
@@ -241,10 +233,7 @@ def measure(run: Callable[[], Any], sync: Callable[[Any], Any], *, warmup: int, 
     times = []
     for _ in range(iters):
         start = time.perf_counter()
-        out = None
-        for _ in range(inner):
-            out = run()
-        sync(out)
+        sync([run() for _ in range(inner)][-1])
         times.append((time.perf_counter() - start) / inner)
     return {"median_s": statistics.median(times), "min_s": min(times),
             "max_s": max(times), "iters": iters, "inner": inner}
@@ -279,10 +268,11 @@ def torch_dit(name: str, *, image_size: int = 256, device: str = "cpu", seed: in
 
     from dit_jax.models.dit import DIT_CONFIGS
     cfg = DIT_CONFIGS[name]
+    heads = cfg["num_heads"]
     model = diffusers.DiTTransformer2DModel(
-        num_attention_heads=cfg["num_heads"], attention_head_dim=cfg["hidden_size"] // cfg["num_heads"],
-        in_channels=4, out_channels=8 if learn_sigma else 4, num_layers=cfg["depth"],
-        sample_size=image_size // 8, patch_size=cfg["patch_size"], num_embeds_ada_norm=1000)
+        num_attention_heads=heads, attention_head_dim=cfg["hidden_size"] // heads, in_channels=4,
+        out_channels=8 if learn_sigma else 4, num_layers=cfg["depth"], sample_size=image_size // 8,
+        patch_size=cfg["patch_size"], num_embeds_ada_norm=1000)
     shared = model.transformer_blocks[0].norm1.emb
     for block in model.transformer_blocks:
         block.norm1.emb = shared
@@ -305,6 +295,16 @@ def torch_setup(platform: str, *, tf32: bool = False) -> str:
         return "cuda"
     torch.set_num_threads(os.cpu_count() or 1)
     return "cpu"
+
+
+def torch_inputs(batch: int, image_size: int, device: str, dtype=None):
+    """Latents x (NCHW), timesteps t and labels y, drawn on the host with a fixed seed."""
+    import torch
+    generator = torch.Generator().manual_seed(1)
+    side = image_size // 8
+    x = torch.randn(batch, 4, side, side, generator=generator).to(device, dtype)
+    t, y = (torch.randint(0, 1000, (batch,), generator=generator).to(device) for _ in range(2))
+    return x, t, y
 
 
 def torch_sync(device: str) -> Callable[[Any], None]:
@@ -332,8 +332,8 @@ def jax_row(compiled=None) -> dict[str, Any]:
     import jax
     stats, platform = jax.devices()[0].memory_stats() or {}, jax.default_backend()
     row = {"device": {"kind": cpu_model() if platform == "cpu" else jax.devices()[0].device_kind,
-                      "platform": platform, "count": jax.device_count()}, "peak_memory_gb": stats["peak_bytes_in_use"] / 2**30
-           if "peak_bytes_in_use" in stats else max_rss_gb()}
+                      "platform": platform, "count": jax.device_count()},
+           "peak_memory_gb": stats.get("peak_bytes_in_use", 0) / 2**30 or max_rss_gb()}
     if compiled is not None:
         row["compiled_memory"] = compiled_memory_gb(compiled)
     return row
