@@ -3,18 +3,18 @@
     python bench/run_all.py            # full set (CPU: about 15 minutes on 2 quiet cores)
     python bench/run_all.py --quick    # fewer iterations, for checking that everything runs
     python bench/run_all.py --jobs forward,train   # a subset; add "data" for the input pipeline
+    python bench/run_all.py --tiny --jobs forward,train,sampling,data --results /tmp/bench
 
-Jobs: forward (bench_forward.py), train (bench_train.py: throughput, XL/2 compile time, and on
-a GPU the largest XL/2 batch with and without remat), sampling (bench_sampling.py: throughput and
-XL/2 sampler compile time), overhead (bench_sampler.py: per-step loop overhead of the samplers),
-data (bench_data.py, opt-in: the input pipeline is not a device benchmark). Each job writes its
-JSON under bench/results/; this script adds summary_<platform>.json (environment, job times).
+Jobs: forward (bench_forward.py), train (bench_train.py: throughput, XL/2 compile time, and on a
+GPU the largest XL/2 batch with and without remat), sampling (bench_sampling.py: throughput, XL/2
+sampler compile time, per-step loop overhead of the samplers), data (bench_data.py, opt-in: the
+input pipeline is not a device benchmark). Each job writes its JSON under --results
+(bench/results/); this script adds summary_<platform>.json (environment, job times).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time
@@ -25,55 +25,43 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_JOBS = ("forward", "train", "sampling", "overhead")
-
-
-def job_commands(platform: str, quick: bool) -> dict[str, list[str]]:
-    q = ["--quick"] if quick else []
-    if platform == "gpu":
-        overhead = ["--model", "DiT-XL/2", "--dtype", "bfloat16", "--batch", "64",
-                    "--cfg-scale", "4", "--steps", "50", "--samplers", "ddim,ddpm",
-                    "--rounds", "2" if quick else "5"]
-    else:
-        overhead = ["--model", "DiT-S/2", "--batch", "2", "--steps", "10",
-                    "--rounds", "2" if quick else "5"]
-    return {
-        "forward": ["bench_forward.py", *q],
-        "train": ["bench_train.py", *q, *(["--compile-unrolled"] if not quick else [])],
-        "sampling": ["bench_sampling.py", *q],
-        "overhead": ["bench_sampler.py", *overhead,
-                     "--json", str(common.RESULTS / f"sampler_overhead_{platform}.json")],
-        "data": ["bench_data.py", *(["--images", "96", "--windows", "2"] if quick else [])],
-    }
+SCRIPTS = {"forward": "bench_forward.py", "train": "bench_train.py",
+           "sampling": "bench_sampling.py", "data": "bench_data.py"}
+RESULT_NAMES = {"forward": "forward", "train": "train", "sampling": "sampling", "data": "bench_data"}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--jobs", default=",".join(DEFAULT_JOBS))
+    p.add_argument("--tiny", action="store_true", help="every job in its smallest configuration")
+    p.add_argument("--jobs", default="forward,train,sampling")
+    p.add_argument("--results", default=str(common.RESULTS), help="folder of the JSON files")
     args = p.parse_args(argv)
 
     platform = common.detect_platform()
-    commands = job_commands(platform, args.quick)
     jobs = args.jobs.split(",")
-    unknown = [j for j in jobs if j not in commands]
-    if unknown:
-        p.error(f"unknown job(s) {unknown}; choose from {sorted(commands)}")
+    if unknown := [j for j in jobs if j not in SCRIPTS]:
+        p.error(f"unknown job(s) {unknown}; choose from {sorted(SCRIPTS)}")
+    results = Path(args.results)
     print(f"platform {platform}; jobs {jobs}; load average {common.environment()['host']['load_average_1m']:.2f}")
     timings = {}
     for job in jobs:
-        script, *rest = commands[job]
-        print(f"\n=== {job}: {script} {' '.join(rest)}", flush=True)
+        flags = ["--tiny"] if args.tiny else ["--quick"] if args.quick and job != "data" else []
+        if job == "train" and not (args.quick or args.tiny):
+            flags.append("--compile-unrolled")
+        if job == "data" and args.quick:
+            flags += ["--images", "96", "--windows", "2"]
+        json_path = results / f"{RESULT_NAMES[job]}_{'cpu' if job == 'data' else platform}.json"
+        print(f"\n=== {job}: {SCRIPTS[job]} {' '.join(flags)}", flush=True)
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, str(HERE / script), *rest],
-                              env=common.worker_env(platform), cwd=common.ROOT)
+        proc = subprocess.run([sys.executable, str(HERE / SCRIPTS[job]), *flags, "--json",
+                               str(json_path)], env=common.worker_env(platform), cwd=common.ROOT)
         timings[job] = {"seconds": time.perf_counter() - start, "returncode": proc.returncode}
 
-    summary = {"benchmark": "summary", "platform": platform, "quick": args.quick,
+    summary = {"benchmark": "summary", "platform": platform, "quick": args.quick, "tiny": args.tiny,
                **common.environment(), "jobs": timings}
-    common.write_report("summary", summary, None)
-    failed = [j for j, t in timings.items() if t["returncode"]]
-    if failed:
+    common.write_report("summary", summary, str(results / f"summary_{platform}.json"))
+    if failed := [j for j, t in timings.items() if t["returncode"]]:
         print(f"failed jobs: {failed}", file=sys.stderr)
         sys.exit(1)
 
