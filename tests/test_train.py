@@ -4,11 +4,13 @@ NaN), multi-process runs, kill/resume, and the demo run that must really learn.
 The in-process tests run on the 8 virtual CPU devices of conftest.py; the subprocess tests run
 train.py with their own device counts (XLA_FLAGS in the child's environment)."""
 
+import io
 import json
 import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -19,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from PIL import Image
 from flax import nnx
 
 from configs import demo
@@ -219,6 +222,43 @@ def test_run_writes_its_workdir(good_run):
     assert Checkpoints(good_run, read_only=True).all_steps() == [10, 20]
     assert json.loads((good_run / "config.json").read_text())["model"]["num_classes"] == 4
     assert list((good_run / "tensorboard").iterdir())
+
+
+def read_events(logdir: Path) -> list:
+    """Every Event in a TensorBoard directory (TFRecord framing: length, its CRC, data, its CRC)."""
+    from tensorboardX.proto import event_pb2
+
+    events = []
+    for path in sorted(logdir.glob("events.out.tfevents.*")):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = event_pb2.Event()
+            event.ParseFromString(data[offset + 12:offset + 12 + length])
+            events.append(event)
+            offset += 12 + length + 4
+    return events
+
+
+def test_sample_grids_reach_tensorboard_and_the_shape_score_the_log(tmp_path):
+    config = tiny_config(total_steps=3, sample_every=2, log_every=2)
+    config.sample.num_images, config.sample.steps = 4, 2
+    train(config, tmp_path)
+    log = read_log(tmp_path)
+    # Sampled at step 2: the score joins that step's metrics line (loss etc. are all there).
+    assert [r["step"] for r in log] == [2, 3]
+    assert 0.0 <= log[0]["shape_score"] <= 1.0 and "loss" in log[0]
+    assert "shape_score" not in log[1]
+    events = read_events(tmp_path / "tensorboard")
+    images = [(e.step, v) for e in events for v in e.summary.value if v.HasField("image")]
+    assert [step for step, _ in images] == [2]
+    image = images[0][1]
+    assert image.tag == "samples/grid"
+    grid = np.asarray(Image.open(io.BytesIO(image.image.encoded_image_string)))
+    expected = np.asarray(Image.open(tmp_path / "samples" / "step_0000002.png"))
+    np.testing.assert_array_equal(grid, expected)
+    scalars = {(e.step, v.tag) for e in events for v in e.summary.value if v.HasField("simple_value")}
+    assert (2, "train/shape_score") in scalars
 
 
 def test_sample_grids_follow_the_runs_diffusion(tmp_path):

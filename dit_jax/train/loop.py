@@ -36,6 +36,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from dit_jax.data import make_batches, make_source
+from dit_jax.data.builtin import shape_score
 from dit_jax.data.folder import save_class_mapping
 from dit_jax.diffusion import create_diffusion
 from dit_jax.flops import train_flops_per_image
@@ -123,7 +124,9 @@ def _run(config, workdir: Path, source, model_cfg: DiTConfig, mesh: Mesh, vae=No
     tx, schedule = make_optimizer(config.optim, total_steps)
     diffusion = create_diffusion("", noise_schedule=config.diffusion.noise_schedule,
                                  learn_sigma=model_cfg.learn_sigma,
-                                 diffusion_steps=int(config.diffusion.diffusion_steps))
+                                 diffusion_steps=int(config.diffusion.diffusion_steps),
+                                 prediction=config.diffusion.get("prediction", "epsilon"),
+                                 min_snr_gamma=float(config.diffusion.get("min_snr_gamma", 0.0)))
     graphdef, _, _ = split_model(model_cfg)
     abstract = abstract_train_state(model_cfg, tx)
     shardings = train_state_shardings(abstract, mesh)
@@ -209,20 +212,20 @@ def _run(config, workdir: Path, source, model_cfg: DiTConfig, mesh: Mesh, vae=No
                 pending = []
             if log_now or save_now:
                 skipped = report_skipped(batches, skipped)
+            rates = throughput.measure(step) if log_now else None  # before sampling's time
+            sample_metrics = sample_grid(grids, step, state, buffers, writer, progress,
+                                         separate_record=not log_now) if sample_now else {}
             if log_now:
-                last_logged = summarize(window, throughput.measure(step))
+                last_logged = summarize(window, rates)
                 if hasattr(batches, "sync_skipped"):
                     last_logged["skipped"] = skipped
+                last_logged.update(sample_metrics)
                 writer.write(step, last_logged)
                 progress.show(last_logged)
                 window = []
                 throughput.restart(step)
             if save_now:
                 checkpoints.save(state, data_state=batches.get_state(), model_config=model_cfg)
-            if sample_now:
-                path = grids(step, state.ema, buffers)
-                if path is not None:
-                    progress.write(f"step {step}: samples in {path}")
             if save_now or sample_now:
                 throughput.restart(step)
             if preempted:
@@ -250,6 +253,25 @@ def load_training_vae(spec: str):
     from dit_jax.port.vae import load_vae
     from dit_jax.sampling import VAE_SHORTHANDS
     return load_vae(VAE_SHORTHANDS.get(spec, spec))
+
+
+def sample_grid(grids: "SampleGrids", step: int, state, buffers, writer: MetricWriter,
+                progress: Progress, separate_record: bool) -> dict[str, float]:
+    """Draw and write the sample grid of `step`; the grid also goes to TensorBoard. Returns the
+    grid's quality metrics (the shape-aware score on the built-in data) for the step's log line,
+    or writes them as a line of their own when no metrics line is due at this step."""
+    path = grids(step, state.ema, buffers)
+    if path is None:  # not host 0
+        return {}
+    writer.write_image(step, "samples/grid", grids.grid)
+    message = f"step {step}: samples in {path}"
+    if "shape_score" in grids.metrics:
+        message += f", shape score {grids.metrics['shape_score']:.2f}"
+    progress.write(message)
+    if separate_record and grids.metrics:
+        writer.write(step, grids.metrics)
+        return {}
+    return dict(grids.metrics)
 
 
 def report_skipped(batches, reported: int) -> int:
@@ -383,7 +405,9 @@ def _initial_params(config, model_cfg: DiTConfig) -> nnx.State | None:
 
 class SampleGrids:
     """Class-conditional samples from the EMA weights with classifier-free guidance, written to
-    WORKDIR/samples/step_<step>.png (a grid) and .npz (images uint8 and labels). The labels cycle
+    WORKDIR/samples/step_<step>.png (a grid) and .npz (images uint8 and labels); after each call
+    `grid` is the grid (uint8) and `metrics` its quality metrics (`shape_score` on the built-in
+    data). The labels cycle
     through the classes and the initial noise is the same every time, so successive grids show
     the same draws as training proceeds. The sampler of sample.py, with the run's diffusion."""
 
@@ -395,6 +419,8 @@ class SampleGrids:
         n = int(s.num_images)
         self.labels = np.arange(n, dtype=np.int32) % max(model_cfg.num_classes, 1)
         self.directory = workdir / SAMPLES_DIR
+        self.builtin_data = config.data.source == "builtin"
+        self.grid, self.metrics = None, {}  # of the latest grid
         cfg_scale = float(s.cfg_scale)
         if model_cfg.num_classes and model_cfg.class_dropout_prob <= 0 and cfg_scale != 1.0:
             # Found now rather than at the first grid, sample_every steps into the run.
@@ -408,7 +434,8 @@ class SampleGrids:
                      Decoder.of(vae) if vae is not None else load_vae_decoder(config.vae)),
             clip_denoised=bool(s.get("clip_denoised", False)),
             noise_schedule=config.diffusion.noise_schedule,
-            diffusion_steps=int(config.diffusion.diffusion_steps))
+            diffusion_steps=int(config.diffusion.diffusion_steps),
+            prediction=config.diffusion.get("prediction", "epsilon"))
 
     def __call__(self, step: int, ema, buffers) -> Path | None:
         from dit_jax.sampling import make_grid, save_png
@@ -418,7 +445,12 @@ class SampleGrids:
             return None
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"step_{step:07d}.png"
-        save_png(path, make_grid(images))
+        self.grid = make_grid(images)
+        save_png(path, self.grid)
+        # The built-in shapes can be judged by program: the fraction of samples that show the
+        # requested shape, clean-edged, in the requested colour, on a clean background.
+        self.metrics = ({"shape_score": shape_score(images, self.labels)}
+                        if self.builtin_data else {})
         np.savez(path.with_suffix(".npz"), images=images, labels=self.labels)
         return path
 
