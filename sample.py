@@ -45,6 +45,8 @@ flags.DEFINE_enum("numerics", None, ["official", "diffusers"],
 flags.DEFINE_bool("clip_denoised", False, "clip x0 to [-1, 1] at each step (pixel-space models)")
 flags.DEFINE_string("noise_schedule", "linear", "the noise schedule the model was trained with")
 flags.DEFINE_integer("diffusion_steps", 1000, "the diffusion steps the model was trained with")
+flags.DEFINE_enum("prediction", "epsilon", ["epsilon", "start_x", "velocity"],
+                  "what the model was trained to predict (train.py's diffusion.prediction)")
 flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                   "call jax.distributed.initialize: auto = when launched as several processes")
 
@@ -75,7 +77,8 @@ def request_from_flags() -> SampleRequest:
         cfg_scale=FLAGS.cfg_scale, guidance_channels=FLAGS.guidance_channels,
         sampler=FLAGS.sampler, steps=FLAGS.steps, seed=FLAGS.seed, out=FLAGS.out, npz=FLAGS.npz,
         dtype=FLAGS.dtype, numerics=FLAGS.numerics, clip_denoised=FLAGS.clip_denoised,
-        noise_schedule=FLAGS.noise_schedule, diffusion_steps=FLAGS.diffusion_steps)
+        noise_schedule=FLAGS.noise_schedule, diffusion_steps=FLAGS.diffusion_steps,
+        prediction=FLAGS.prediction)
 
 
 def main(argv):

@@ -45,6 +45,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.noise_schedule = "linear"
     c.diffusion.diffusion_steps = 1000
+    # What the model predicts: "epsilon" (DiT), or "start_x" / "velocity" (v = sqrt(ᾱ)·ε -
+    # sqrt(1-ᾱ)·x0), which learn global structure faster in small pixel-space runs
+    # (docs/small_data.md). Not in the official release.
+    c.diffusion.prediction = "epsilon"
+    # Min-SNR-γ loss weighting (0: off, the official uniform MSE); 5 is the paper's choice.
+    c.diffusion.min_snr_gamma = 0.0
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-4

@@ -75,6 +75,7 @@ class SampleRequest:
     clip_denoised: bool = False  # clip x̂0 to [-1, 1] each step: pixel-space models
     noise_schedule: str = "linear"  # the process the model was trained with
     diffusion_steps: int = 1000
+    prediction: str = "epsilon"  # what the model predicts: epsilon (DiT), start_x or velocity
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
@@ -179,7 +180,7 @@ class ChunkSampler:
                  sampler: str = "ddpm", steps: int = 250, cfg_scale: float = 4.0,
                  guidance_channels: str = "3", decoder: Decoder | None = None,
                  clip_denoised: bool = False, noise_schedule: str = "linear",
-                 diffusion_steps: int = 1000):
+                 diffusion_steps: int = 1000, prediction: str = "epsilon"):
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; one of {SAMPLERS}")
         self.mesh = mesh
@@ -204,10 +205,12 @@ class ChunkSampler:
             x_T = jax.lax.with_sharding_constraint(
                 jax.random.normal(noise_key, (self.padded, height, width, cfg.in_channels)), rows)
             model_fn = guided_model_fn(dit, labels, cfg_scale, guidance_channels)
-            if clip_denoised:
+            if clip_denoised or prediction != "epsilon":
+                # The samplers take ε: x̂0 and v models are converted (guidance, being linear,
+                # gives the same ε whichever of them it combined).
                 model_fn = clip_denoised_fn(model_fn, diff.create_diffusion(
                     "", noise_schedule=noise_schedule, diffusion_steps=diffusion_steps),
-                    cfg.in_channels)
+                    cfg.in_channels, limit=1.0 if clip_denoised else None, prediction=prediction)
             diffusion = diffusion_for(sampler, steps, learn_sigma=cfg.learn_sigma,
                                       noise_schedule=noise_schedule,
                                       diffusion_steps=diffusion_steps)
@@ -239,12 +242,17 @@ class ChunkSampler:
         return np.asarray(multihost_utils.process_allgather(out, tiled=True))[:n]
 
 
-def clip_denoised_fn(model_fn, diffusion, channels: int, limit: float = 1.0):
+def clip_denoised_fn(model_fn, diffusion, channels: int, limit: float | None = 1.0,
+                     prediction: str = "epsilon"):
     """model_fn whose ε is re-derived from x̂0 clipped to [-limit, limit]: the `clip_denoised=True`
     of the ADM samplers (DDPM's posterior mean and DDIM's step both follow from x̂0, and ε from
     the clipped x̂0 reproduces it). For pixel-space data, which lives in [-1, 1]; the official DiT
     samples unbounded latents and does not clip. `diffusion` is the unrespaced process: the model
-    sees original timesteps."""
+    sees original timesteps. `prediction`: what the model's first `channels` outputs are
+    ("epsilon", "start_x" or "velocity"); the wrapped function always returns ε, so every
+    sampler runs unchanged. limit None: convert without clipping."""
+    if prediction not in diff.MODEL_MEAN_TYPES:
+        raise ValueError(f"unknown prediction {prediction!r}; one of {diff.MODEL_MEAN_TYPES}")
     sqrt_ab = jnp.asarray(diffusion.sqrt_alphas_cumprod, jnp.float32)
     sqrt_1m_ab = jnp.asarray(diffusion.sqrt_one_minus_alphas_cumprod, jnp.float32)
 
@@ -252,7 +260,15 @@ def clip_denoised_fn(model_fn, diffusion, channels: int, limit: float = 1.0):
         out = model_fn(x, t)
         shape = (-1,) + (1,) * (x.ndim - 1)
         a, b = sqrt_ab[t].reshape(shape), sqrt_1m_ab[t].reshape(shape)
-        x0 = jnp.clip((x - b * out[..., :channels]) / a, -limit, limit)
+        mean = out[..., :channels]
+        if prediction == "start_x":
+            x0 = mean
+        elif prediction == "velocity":  # x_t = a·x0 + b·ε, v = a·ε - b·x0
+            x0 = a * x - b * mean
+        else:
+            x0 = (x - b * mean) / a
+        if limit is not None:
+            x0 = jnp.clip(x0, -limit, limit)
         return jnp.concatenate([(x - a * x0) / b, out[..., channels:]], axis=-1)
 
     return wrapped
@@ -417,7 +433,8 @@ def sample(request: SampleRequest, *, mesh: Mesh | None = None, model: DiT | Non
                 seed=request.seed, sampler=request.sampler, steps=request.steps,
                 cfg_scale=request.cfg_scale, guidance_channels=request.guidance_channels,
                 decoder=decoder, clip_denoised=request.clip_denoised,
-                noise_schedule=request.noise_schedule, diffusion_steps=request.diffusion_steps)
+                noise_schedule=request.noise_schedule, diffusion_steps=request.diffusion_steps,
+                prediction=request.prediction)
             weights = sampler.place(tuple(host_weights))
         labels = chunk_labels(request, cfg.num_classes, chunk)
         samples = sampler(chunk, labels, weights)
