@@ -70,6 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.source = "latents"  # "builtin" | "synthetic" | "folder" | "latents"
     c.data.path = ""
     c.data.layout = "auto"  # folder source: "auto" | "classes" (a subfolder each) | "flat" (no labels)
+    c.data.random_flip = True  # folder source: the released random horizontal flip
     c.data.image_size = 256
     c.data.num_workers = 4
     c.data.num_examples = 0  # size of the builtin / synthetic data (0: the source's default)

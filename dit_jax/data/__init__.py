@@ -32,7 +32,8 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from dit_jax.data.builtin import BuiltinShapes, classify_image
+from dit_jax.data.builtin import (BuiltinShapes, classify_image, judge_shape, shape_accuracy,
+                                  shape_score)
 from dit_jax.data.epochs import batches_per_epoch, stream_position
 from dit_jax.data.synthetic import SyntheticLatents
 
@@ -146,7 +147,8 @@ def make_source(data_config, *, model_input: tuple[int, int, int] | None = None,
     if name == "folder":
         from dit_jax.data.folder import ImageFolderSource, class_folders_for
         return ImageFolderSource(data_config.path, data_config.image_size,
-                                 class_folders=class_folders_for(layout))
+                                 class_folders=class_folders_for(layout),
+                                 random_flip=bool(data_config.get("random_flip", True)))
     if name == "latents":
         from dit_jax.data.latents import LatentSource
         return LatentSource(data_config.path, image_size=data_config.image_size)
@@ -167,4 +169,5 @@ def make_batches(source: Source, *, global_batch_size: int, seed: int,
 
 
 __all__ = ["Batches", "BuiltinShapes", "Source", "SyntheticLatents", "classify_image",
+           "judge_shape", "shape_accuracy", "shape_score",
            "get_batch", "make_batches", "make_source"]

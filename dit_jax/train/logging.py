@@ -5,7 +5,8 @@ throughput / MFU (SPEC §4). Only host 0 writes; the other hosts' writers do not
                              step, loss, mse, vb, grad_norm, lr, steps_per_sec, images_per_sec,
                              mfu (null where no peak is known, e.g. on CPU), time
                              and, at sample-grid steps on the built-in data, shape_score (the
-                             fraction of grid samples that show the requested shape)
+                             fraction of grid samples that show the requested shape, clean) and
+                             shape_accuracy (the fraction whose shape is the requested one)
     WORKDIR/tensorboard/     the same scalars as TensorBoard events (train/<key>), and the sample
                              grids as images (samples/grid)
 """

@@ -36,7 +36,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from dit_jax.data import make_batches, make_source
-from dit_jax.data.builtin import shape_score
+from dit_jax.data.builtin import shape_accuracy, shape_score
 from dit_jax.data.folder import save_class_mapping
 from dit_jax.diffusion import create_diffusion
 from dit_jax.flops import train_flops_per_image
@@ -406,8 +406,8 @@ def _initial_params(config, model_cfg: DiTConfig) -> nnx.State | None:
 class SampleGrids:
     """Class-conditional samples from the EMA weights with classifier-free guidance, written to
     WORKDIR/samples/step_<step>.png (a grid) and .npz (images uint8 and labels); after each call
-    `grid` is the grid (uint8) and `metrics` its quality metrics (`shape_score` on the built-in
-    data). The labels cycle
+    `grid` is the grid (uint8) and `metrics` its quality metrics (`shape_score` and
+    `shape_accuracy` on the built-in data). The labels cycle
     through the classes and the initial noise is the same every time, so successive grids show
     the same draws as training proceeds. The sampler of sample.py, with the run's diffusion."""
 
@@ -449,7 +449,8 @@ class SampleGrids:
         save_png(path, self.grid)
         # The built-in shapes can be judged by program: the fraction of samples that show the
         # requested shape, clean-edged, in the requested colour, on a clean background.
-        self.metrics = ({"shape_score": shape_score(images, self.labels)}
+        self.metrics = ({"shape_score": shape_score(images, self.labels),
+                         "shape_accuracy": shape_accuracy(images, self.labels)}
                         if self.builtin_data else {})
         np.savez(path.with_suffix(".npz"), images=images, labels=self.labels)
         return path
