@@ -5,10 +5,11 @@ of a trained run's guided samples beside the real images' held-out accuracy.
 
     python bench/small_data.py write /tmp/digits          # the folder dataset
     python train.py --config=configs/small.py --workdir=W --config.data.path=/tmp/digits
-    python sample.py --ckpt=W --labels=0,1,2,3,4,5,6,7,8,9 --num-samples=100 --out=W/eval ...
-    python bench/small_data.py score W/eval/samples.npz    # accuracy of the samples
+    python sample.py --ckpt=W --labels=0,1,2,3,4,5,6,7,8,9 --num-samples=100 --npz=W/eval.npz
+    python bench/small_data.py score W/eval.npz           # accuracy of the samples
 
-Needs scikit-learn (`pip install scikit-learn`); not a dependency of dit_jax.
+(or score a training grid, W/samples/step_*.npz). Results: docs/small_data.md.
+Needs scikit-learn (`pip install -e ".[bench]"`); not a dependency of dit_jax itself.
 """
 
 from __future__ import annotations

@@ -560,15 +560,15 @@ def test_killed_and_preempted_runs_resume_exactly(tmp_path):
         assert got == want, name  # bitwise: same data order, same RNG, same program
 
 
-# The demo shortened for CI: 64 tokens (patch 4, 4× cheaper per step than the demo's 256) and
-# 600 steps, still x0-prediction on the cosine schedule. Its samples have the requested colours
-# and mostly the requested shapes, with rough edges (so shape_score, which also judges edges, is
-# ~0): the colour-blind shape accuracy measured 0.56 at this length (docs/small_data.md);
-# chance is 0.25, and blobs of the right colour read as circles, 0.25 too.
+# The demo shortened for CI: 900 steps instead of 1200, the same recipe (x0-prediction on the
+# cosine schedule, patch 4). Its samples have the requested colours and mostly the requested
+# shapes, with rough edges (so shape_score, which also judges the edges, is 0): the colour-blind
+# shape accuracy measured 0.70 at this length (docs/small_data.md); chance is 0.25, and blobs
+# of the right colour read as circles, 0.25 too.
 SHORT_DEMO_FLAGS = ["--config.model.patch_size=4", "--config.diffusion.prediction=start_x",
                     "--config.diffusion.noise_schedule=squaredcos_cap_v2",
-                    "--config.model.learn_sigma=False", "--config.total_steps=600",
-                    "--config.sample_every=600", "--config.checkpoint_every=600",
+                    "--config.model.learn_sigma=False", "--config.total_steps=900",
+                    "--config.sample_every=900", "--config.checkpoint_every=900",
                     "--config.log_every=100", "--config.sample.num_images=64"]
 
 
@@ -576,7 +576,7 @@ def test_shortened_demo_draws_the_requested_shapes(tmp_path):
     proc = subprocess.run(train_cmd(tmp_path / "short", *SHORT_DEMO_FLAGS), cwd=ROOT,
                           env=child_env(1), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    final = np.load(tmp_path / "short" / "samples" / "step_0000600.npz")
+    final = np.load(tmp_path / "short" / "samples" / "step_0000900.npz")
     accuracy = shape_accuracy(final["images"], final["labels"])
     colours = np.mean([classify_image(x) for x in final["images"]] == final["labels"])
     log = read_log(tmp_path / "short")
@@ -584,7 +584,7 @@ def test_shortened_demo_draws_the_requested_shapes(tmp_path):
           f"shape score {log[-1]['shape_score']:.3f}")
     assert log[-1]["shape_accuracy"] == pytest.approx(accuracy)
     assert colours >= 0.9
-    assert accuracy >= 0.4
+    assert accuracy >= 0.5
 
 
 DEMO_SHAPE_ACCURACY = 0.75
