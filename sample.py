@@ -73,8 +73,9 @@ flags.DEFINE_enum("kind", "dit", list(CHECKPOINT_KINDS),
                   "a .pt file's kind: dit, sit or repa (REPA's reversed time is converted)")
 flags.DEFINE_enum("path_type", None, ["Linear", "GVP", "VP"],
                   "transport path (default: the workdir's run, else Linear)")
-flags.DEFINE_enum("prediction", None, ["velocity", "noise", "score"],
-                  "transport prediction (default: the workdir's run, else velocity)")
+flags.DEFINE_enum("prediction", None, ["epsilon", "start_x", "velocity", "noise", "score"],
+                  "what the model was trained to predict (default: the workdir's run, else "
+                  "epsilon for DiT's diffusion, velocity for flow models)")
 flags.DEFINE_string("fid_reference", None,
                     "after sampling, evaluate the samples (FID, sFID, IS, precision, recall) against "
                     "this ADM reference batch or image folder; results in OUT/metrics.json "

@@ -51,6 +51,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.noise_schedule = "linear"
     c.diffusion.diffusion_steps = 1000
+    # What the model predicts: "epsilon" (DiT), or "start_x" / "velocity" (v = sqrt(ᾱ)·ε -
+    # sqrt(1-ᾱ)·x0), which learn global structure faster in small pixel-space runs
+    # (docs/small_data.md). Not in the official release.
+    c.diffusion.prediction = "epsilon"
+    # Min-SNR-γ loss weighting (0: off, the official uniform MSE); 5 is the paper's choice.
+    c.diffusion.min_snr_gamma = 0.0
 
     # "diffusion": the official DiT objective; "transport": SiT's flow matching (docs/transport.md)
     c.objective = "diffusion"
@@ -79,6 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.source = "latents"  # "builtin" | "synthetic" | "folder" | "latents"
     c.data.path = ""
     c.data.layout = "auto"  # folder source: "auto" | "classes" (a subfolder each) | "flat" (no labels)
+    c.data.random_flip = True  # folder source: the released random horizontal flip
     c.data.image_size = 256
     c.data.num_workers = 4
     c.data.num_examples = 0  # size of the builtin / synthetic data (0: the source's default)

@@ -86,11 +86,14 @@ class SampleRequest:
     clip_denoised: bool = False  # clip x̂0 to [-1, 1] each step: pixel-space models
     noise_schedule: str = "linear"  # the process the model was trained with
     diffusion_steps: int = 1000
-    # Transport models (docs/transport.md): how a .pt file is read ("sit" / "repa": SiT's time),
-    # and the run's path / prediction (None: the workdir's config, else Linear / velocity).
+    # What the model predicts (None: the workdir's run, else the family's default): epsilon (the
+    # official DiT), start_x or velocity for the diffusion; velocity, noise or score for transport
+    # models (docs/transport.md).
+    prediction: str | None = None
+    # Transport models: how a .pt file is read ("sit" / "repa": SiT's time), and the run's path
+    # (None: the workdir's config, else Linear).
     kind: str = "dit"
     path_type: str | None = None
-    prediction: str | None = None
 
     def __post_init__(self):
         sampler = get_sampler(self.sampler)  # an unknown name fails here, with the list of names
@@ -153,7 +156,9 @@ def run_settings(ckpt: str) -> dict[str, Any]:
         found = {"vae": config["vae"], "image_size": int(config["data"]["image_size"]),
                  "clip_denoised": bool(config["sample"]["clip_denoised"]),
                  "noise_schedule": config["diffusion"]["noise_schedule"],
-                 "diffusion_steps": int(config["diffusion"]["diffusion_steps"])}
+                 "diffusion_steps": int(config["diffusion"]["diffusion_steps"]),
+                 # Runs from before the option predicted ε, as the official DiT.
+                 "prediction": config["diffusion"].get("prediction", "epsilon")}
         if config.get("objective", "diffusion") == "transport":  # runs from before it: diffusion
             t = config["transport"]
             found.update(sampler=t["sampler"], path_type=t["path_type"],
@@ -246,7 +251,8 @@ class ChunkSampler:
                  guidance_channels: str = "3", decoder: Decoder | None = None,
                  guidance_interval: tuple[float, float] | None = None,
                  clip_denoised: bool = False, noise_schedule: str = "linear",
-                 diffusion_steps: int = 1000, transport: flow.Transport | None = None):
+                 diffusion_steps: int = 1000, transport: flow.Transport | None = None,
+                 prediction: str = "epsilon"):
         family = get_sampler(sampler).family
         if family != ("transport" if transport is not None else "diffusion"):
             raise ValueError(f"sampler {sampler!r} is a {family} sampler: it needs "
@@ -281,10 +287,13 @@ class ChunkSampler:
             else:
                 model_fn = guided_model_fn(dit, labels, cfg_scale, guidance_channels,
                                            interval=guidance_interval)
-                if clip_denoised:
+                if clip_denoised or prediction != "epsilon":
+                    # The samplers take ε: x̂0 and v models are converted (guidance, being
+                    # linear, gives the same ε whichever of them it combined).
                     model_fn = clip_denoised_fn(model_fn, diff.create_diffusion(
                         "", noise_schedule=noise_schedule, diffusion_steps=diffusion_steps),
-                        cfg.in_channels)
+                        cfg.in_channels, limit=1.0 if clip_denoised else None,
+                        prediction=prediction)
                 diffusion = diffusion_for(sampler, steps, learn_sigma=cfg.learn_sigma,
                                           noise_schedule=noise_schedule,
                                           diffusion_steps=diffusion_steps)
@@ -315,16 +324,30 @@ class ChunkSampler:
         return gather_rows(out)[:n]
 
 
-def clip_denoised_fn(model_fn, diffusion, channels: int, limit: float = 1.0):
+def clip_denoised_fn(model_fn, diffusion, channels: int, limit: float | None = 1.0,
+                     prediction: str = "epsilon"):
     """model_fn whose ε is re-derived from x̂0 clipped to [-limit, limit]: the `clip_denoised=True`
     of the ADM samplers (DDPM's posterior mean and DDIM's step both follow from x̂0, and ε from
     the clipped x̂0 reproduces it). For pixel-space data, which lives in [-1, 1]; the official DiT
     samples unbounded latents and does not clip. `diffusion` is the unrespaced process: the model
-    sees original timesteps."""
+    sees original timesteps. `prediction`: what the model's first `channels` outputs are
+    ("epsilon", "start_x" or "velocity"); the wrapped function always returns ε, so every
+    sampler runs unchanged. limit None: convert without clipping."""
+    if prediction not in diff.MODEL_MEAN_TYPES:
+        raise ValueError(f"unknown prediction {prediction!r}; one of {diff.MODEL_MEAN_TYPES}")
+
     def wrapped(x, t):
         out = model_fn(x, t)
-        x0 = diff.predict_xstart_from_eps(diffusion, x, t, out[..., :channels])
-        eps = diff.predict_eps_from_xstart(diffusion, x, t, jnp.clip(x0, -limit, limit))
+        mean = out[..., :channels]
+        if prediction == "start_x":
+            x0 = mean
+        elif prediction == "velocity":
+            x0, _ = diff.xstart_and_eps_from_velocity(diffusion, x, t, mean)
+        else:
+            x0 = diff.predict_xstart_from_eps(diffusion, x, t, mean)
+        if limit is not None:
+            x0 = jnp.clip(x0, -limit, limit)
+        eps = diff.predict_eps_from_xstart(diffusion, x, t, x0)
         return jnp.concatenate([eps, out[..., channels:]], axis=-1)
 
     return wrapped
@@ -501,7 +524,9 @@ def sample(request: SampleRequest, *, mesh: Mesh | None = None, model: DiT | Non
                 guidance_interval=request.guidance_interval,
                 decoder=decoder, clip_denoised=request.clip_denoised,
                 noise_schedule=request.noise_schedule, diffusion_steps=request.diffusion_steps,
-                transport=transport)
+                transport=transport,
+                prediction=request.prediction if transport is None and request.prediction
+                else "epsilon")
             weights = sampler.place(tuple(host_weights))
         labels = chunk_labels(request, cfg.num_classes, chunk)
         samples = sampler(chunk, labels, weights)

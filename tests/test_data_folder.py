@@ -5,6 +5,7 @@ import json
 import logging
 import shutil
 
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
@@ -369,6 +370,25 @@ def folder_config(path, total_steps, checkpoint_every=100, **data):
     c.data.num_workers = 0
     c.data.update(data)
     return c
+
+
+def test_random_flip_can_be_turned_off(tmp_path):
+    # For data whose mirror image is something else (digits, letters): data.random_flip=False.
+
+    root = make_image_folder(tmp_path / "data", {"a": 4, "b": 4}, extras=False)
+    config = ml_collections.ConfigDict({"source": "folder", "path": str(root), "image_size": 16,
+                                        "layout": "auto", "random_flip": False})
+    source = make_source(config)
+    assert source.random_flip is False
+    records = [source[i] for i in range(len(source))]
+    for seed in range(20):  # p = 0.5 each: the flip would have happened many times
+        out = source.augment(records[seed % len(records)], np.random.default_rng(seed))
+        np.testing.assert_array_equal(out["x"], records[seed % len(records)]["x"])
+    config.random_flip = True
+    flipping = make_source(config)
+    flipped = [not np.array_equal(flipping.augment(records[0], np.random.default_rng(s))["x"],
+                                  records[0]["x"]) for s in range(20)]
+    assert 0 < sum(flipped) < 20
 
 
 def test_folder_with_corrupt_files_trains_reports_skipped_and_resumes_exactly(tmp_path):

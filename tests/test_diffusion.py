@@ -201,6 +201,72 @@ def test_training_losses_match_float64_reference(spec, learned, steps):
         assert ref["vb"][0] > 1.0  # the likelihood branch was exercised
 
 
+@pytest.mark.parametrize("prediction", ["start_x", "velocity"])
+@pytest.mark.parametrize("learned", [True, False])
+def test_other_predictions_match_float64_reference(prediction, learned):
+    # Not official (off by default): the model predicts x0 or v = sqrt(ᾱ)ε - sqrt(1-ᾱ)x0. Its
+    # target, and the ε̂ / x̂0 it implies, written from those equations in float64.
+    d = D.create_diffusion("", learn_sigma=learned, prediction=prediction)
+    assert d.model_mean_type == prediction
+    t = np.array([0, 1, 500, 999])
+    x0, noise, out = _loss_inputs(len(t), seed=3)
+    if not learned:
+        out = out[..., :4]
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    r32 = lambda a: np.asarray(f32(a), np.float64)
+    x0, noise, out = r32(x0), r32(noise), r32(out)
+    got = D.training_losses(d, lambda x_t, s: f32(out), f32(x0), jnp.asarray(t), f32(noise))
+
+    a = np.sqrt(BASE_ABAR[t])[:, None, None, None]
+    b = np.sqrt(1 - BASE_ABAR[t])[:, None, None, None]
+    x_t = a * x0 + b * noise
+    target = x0 if prediction == "start_x" else a * noise - b * x0
+    np.testing.assert_allclose(got["mse"], ((target - out[..., :4]) ** 2).mean(axis=(1, 2, 3)),
+                               rtol=1e-5)
+    x0_hat = out[..., :4] if prediction == "start_x" else a * x_t - b * out[..., :4]
+    eps_hat = (x_t - a * x0_hat) / b
+    if learned:  # the VB term sees the ε̂ this prediction implies
+        ref = ref_losses(d.timestep_map, x0, t, noise,
+                         np.concatenate([eps_hat, out[..., 4:]], -1), learned)
+        # atol: at t = 999 the KL is ~1e-6 bits, below float32's resolution of its terms.
+        np.testing.assert_allclose(got["vb"], ref["vb"], rtol=1e-4, atol=1e-6)
+    p = D.output_mean_variance(d, f32(out), f32(x_t), jnp.asarray(t))
+    np.testing.assert_allclose(p["pred_xstart"], x0_hat, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(p["eps"][1:], eps_hat[1:], rtol=1e-4, atol=1e-4)
+    mean, _, _ = ref_p(ref_tables(d.timestep_map), x_t, t, eps_hat, None)
+    np.testing.assert_allclose(p["mean"], mean, rtol=1e-4, atol=1e-5)
+    # The official path is untouched: without `prediction`, ε as before.
+    assert D.create_diffusion("").model_mean_type == "epsilon"
+    with pytest.raises(ValueError, match="unknown model_mean_type"):
+        D.create_diffusion("", prediction="score")
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "start_x", "velocity"])
+def test_min_snr_weighting_matches_float64_reference(prediction):
+    # Not official (off by default). In x0 terms the weight is min(SNR, γ); an ε error is an x0
+    # error × sqrt(SNR), a v error × sqrt(SNR + 1), so the weight of the target's MSE is
+    # min(SNR, γ)/SNR, min(SNR, γ)/(SNR + 1) or min(SNR, γ).
+    gamma = 5.0
+    plain = D.create_diffusion("", learn_sigma=False, prediction=prediction)
+    weighted = D.create_diffusion("", learn_sigma=False, prediction=prediction,
+                                  min_snr_gamma=gamma)
+    t = np.array([0, 30, 200, 999])
+    snr = BASE_ABAR[t] / (1 - BASE_ABAR[t])
+    in_x0 = np.minimum(snr, gamma)
+    want = {"epsilon": in_x0 / snr, "velocity": in_x0 / (snr + 1), "start_x": in_x0}[prediction]
+    np.testing.assert_allclose(D.min_snr_weights(BASE_ABAR, gamma, prediction)[t], want,
+                               rtol=1e-12)
+    x0, noise, out = (jnp.asarray(a, jnp.float32) for a in _loss_inputs(len(t), seed=4))
+    model_fn = lambda x_t, s: out[..., :4]
+    a = D.training_losses(plain, model_fn, x0, jnp.asarray(t), noise)["mse"]
+    b = D.training_losses(weighted, model_fn, x0, jnp.asarray(t), noise)
+    np.testing.assert_allclose(b["mse"], np.asarray(a, np.float64) * want, rtol=1e-5)
+    np.testing.assert_array_equal(b["loss"], b["mse"])
+    assert plain.min_snr_gamma == 0.0 and "mse_weight" not in plain.tables32
+    with pytest.raises(ValueError, match="min_snr_gamma"):
+        D.create_diffusion("", min_snr_gamma=-1)
+
+
 def test_vb_gradient_reaches_only_variance_channels():
     d = D.create_diffusion("")
     x0, noise, out = (jnp.asarray(a, jnp.float32) for a in _loss_inputs(4, seed=1))

@@ -123,11 +123,41 @@ def test_numerics_and_the_trained_process_reach_the_sampler(tmp_path, dit_dir):
     scale = np.abs(official).max()
     for name, change in (("diffusers", dict(numerics="diffusers")),
                          ("cosine", dict(noise_schedule="squaredcos_cap_v2")),
-                         ("clipped", dict(clip_denoised=True))):
+                         ("clipped", dict(clip_denoised=True)),
+                         ("velocity", dict(prediction="velocity"))):
         other, _ = _latents(dit_dir, tmp_path / name, mesh, **kw, **change)
         assert np.abs(other - official).max() > 1e-3 * scale, name
     with pytest.raises(ValueError, match="numerics"):
         SampleRequest(ckpt=str(dit_dir), numerics="fast")
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "start_x", "velocity"])
+def test_samplers_receive_eps_whatever_the_model_predicts(prediction):
+    # x_t = a·x0 + b·ε (float64 NumPy); the model returns its prediction of x0 / ε / v (plus
+    # variance channels); the wrapped function must return ε, from x̂0 clipped to [-1, 1] when
+    # asked.
+    from dit_jax.diffusion import create_diffusion
+
+    d = create_diffusion("", noise_schedule="squaredcos_cap_v2")
+    rng = np.random.default_rng(0)
+    t = np.array([3, 400, 990])
+    a = d.sqrt_alphas_cumprod[t][:, None, None, None]
+    b = d.sqrt_one_minus_alphas_cumprod[t][:, None, None, None]
+    x0, eps = rng.uniform(-1.5, 1.5, (3, 4, 4, 3)), rng.standard_normal((3, 4, 4, 3))
+    x_t = a * x0 + b * eps
+    predicted = {"epsilon": eps, "start_x": x0, "velocity": a * eps - b * x0}[prediction]
+    extra = rng.standard_normal((3, 4, 4, 3))
+    out = np.concatenate([predicted, extra], -1).astype(np.float32)
+    model_fn = lambda x, s: jax.numpy.asarray(out)
+    x32 = jax.numpy.asarray(x_t, np.float32)
+    plain = sampling.clip_denoised_fn(model_fn, d, 3, limit=None, prediction=prediction)
+    np.testing.assert_allclose(plain(x32, t)[..., :3], eps, rtol=2e-3, atol=2e-3)
+    np.testing.assert_array_equal(plain(x32, t)[..., 3:], extra.astype(np.float32))
+    clipped = sampling.clip_denoised_fn(model_fn, d, 3, prediction=prediction)
+    want = (x_t - a * np.clip(x0, -1, 1)) / b
+    np.testing.assert_allclose(clipped(x32, t)[..., :3], want, rtol=2e-3, atol=2e-3)
+    with pytest.raises(ValueError, match="unknown prediction"):
+        sampling.clip_denoised_fn(model_fn, d, 3, prediction="score")
 
 
 def test_resume_equals_uninterrupted(tmp_path, dit_dir, monkeypatch):

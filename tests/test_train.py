@@ -4,11 +4,13 @@ NaN), multi-process runs, kill/resume, and the demo run that must really learn.
 The in-process tests run on the 8 virtual CPU devices of conftest.py; the subprocess tests run
 train.py with their own device counts (XLA_FLAGS in the child's environment)."""
 
+import io
 import json
 import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -19,11 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from PIL import Image
 from flax import nnx
 
 from configs import demo
 from dit_jax.checkpoint import Checkpoints
-from dit_jax.data import BuiltinShapes, classify_image
+from dit_jax.data import BuiltinShapes, classify_image, shape_accuracy, shape_score
 from dit_jax.diffusion import create_diffusion
 from dit_jax.models.dit import DiTConfig, split_model
 from dit_jax.sharding import (batch_sharding, host_batch_rows, make_mesh, model_buffers,
@@ -43,7 +46,10 @@ TINY_FLAGS = ["--config.model.hidden_size=64", "--config.model.depth=2",
               "--config.model.num_heads=4", "--config.model.patch_size=2",
               "--config.data.image_size=16", "--config.global_batch_size=16",
               "--config.optim.schedule=constant", "--config.optim.warmup_steps=0",
-              "--config.optim.lr=0.001", "--config.log_every=1"]
+              "--config.optim.lr=0.001", "--config.log_every=1",
+              # The official diffusion (the demo's x0 / cosine recipe is not what these test).
+              "--config.model.learn_sigma=True", "--config.diffusion.prediction=epsilon",
+              "--config.diffusion.noise_schedule=linear"]
 
 
 def tiny_config(**top_level):
@@ -53,6 +59,8 @@ def tiny_config(**top_level):
     c.global_batch_size = 16
     c.optim.schedule, c.optim.warmup_steps, c.optim.lr = "constant", 0, 1e-3
     c.log_every, c.sample_every = 1, 0
+    c.model.learn_sigma, c.diffusion.prediction, c.diffusion.noise_schedule = (
+        True, "epsilon", "linear")  # the official diffusion, as TINY
     for key, value in top_level.items():
         setattr(c, key, value)
     return c
@@ -219,6 +227,43 @@ def test_run_writes_its_workdir(good_run):
     assert Checkpoints(good_run, read_only=True).all_steps() == [10, 20]
     assert json.loads((good_run / "config.json").read_text())["model"]["num_classes"] == 4
     assert list((good_run / "tensorboard").iterdir())
+
+
+def read_events(logdir: Path) -> list:
+    """Every Event in a TensorBoard directory (TFRecord framing: length, its CRC, data, its CRC)."""
+    from tensorboardX.proto import event_pb2
+
+    events = []
+    for path in sorted(logdir.glob("events.out.tfevents.*")):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = event_pb2.Event()
+            event.ParseFromString(data[offset + 12:offset + 12 + length])
+            events.append(event)
+            offset += 12 + length + 4
+    return events
+
+
+def test_sample_grids_reach_tensorboard_and_the_shape_score_the_log(tmp_path):
+    config = tiny_config(total_steps=3, sample_every=2, log_every=2)
+    config.sample.num_images, config.sample.steps = 4, 2
+    train(config, tmp_path)
+    log = read_log(tmp_path)
+    # Sampled at step 2: the score joins that step's metrics line (loss etc. are all there).
+    assert [r["step"] for r in log] == [2, 3]
+    assert 0.0 <= log[0]["shape_score"] <= log[0]["shape_accuracy"] <= 1.0 and "loss" in log[0]
+    assert "shape_score" not in log[1]
+    events = read_events(tmp_path / "tensorboard")
+    images = [(e.step, v) for e in events for v in e.summary.value if v.HasField("image")]
+    assert [step for step, _ in images] == [2]
+    image = images[0][1]
+    assert image.tag == "samples/grid"
+    grid = np.asarray(Image.open(io.BytesIO(image.image.encoded_image_string)))
+    expected = np.asarray(Image.open(tmp_path / "samples" / "step_0000002.png"))
+    np.testing.assert_array_equal(grid, expected)
+    scalars = {(e.step, v.tag) for e in events for v in e.summary.value if v.HasField("simple_value")}
+    assert (2, "train/shape_score") in scalars
 
 
 def test_sample_grids_follow_the_runs_diffusion(tmp_path):
@@ -515,6 +560,36 @@ def test_killed_and_preempted_runs_resume_exactly(tmp_path):
         assert got == want, name  # bitwise: same data order, same RNG, same program
 
 
+# The demo shortened for CI: 900 steps instead of 1200, the same recipe (x0-prediction on the
+# cosine schedule, patch 4). Its samples have the requested colours and mostly the requested
+# shapes, with rough edges (so shape_score, which also judges the edges, is 0): the colour-blind
+# shape accuracy measured 0.70 at this length (docs/small_data.md); chance is 0.25, and blobs
+# of the right colour read as circles, 0.25 too.
+SHORT_DEMO_FLAGS = ["--config.model.patch_size=4", "--config.diffusion.prediction=start_x",
+                    "--config.diffusion.noise_schedule=squaredcos_cap_v2",
+                    "--config.model.learn_sigma=False", "--config.total_steps=900",
+                    "--config.sample_every=900", "--config.checkpoint_every=900",
+                    "--config.log_every=100", "--config.sample.num_images=64"]
+
+
+def test_shortened_demo_draws_the_requested_shapes(tmp_path):
+    proc = subprocess.run(train_cmd(tmp_path / "short", *SHORT_DEMO_FLAGS), cwd=ROOT,
+                          env=child_env(1), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    final = np.load(tmp_path / "short" / "samples" / "step_0000900.npz")
+    accuracy = shape_accuracy(final["images"], final["labels"])
+    colours = np.mean([classify_image(x) for x in final["images"]] == final["labels"])
+    log = read_log(tmp_path / "short")
+    print(f"short demo: shape accuracy {accuracy:.3f}, colour accuracy {colours:.3f}, "
+          f"shape score {log[-1]['shape_score']:.3f}")
+    assert log[-1]["shape_accuracy"] == pytest.approx(accuracy)
+    assert colours >= 0.9
+    assert accuracy >= 0.5
+
+
+DEMO_SHAPE_ACCURACY = 0.75
+
+
 @pytest.mark.slow
 def test_demo_learns_and_draws_the_requested_classes(tmp_path):
     """The README's main job: configs/demo.py on CPU, as is."""
@@ -526,10 +601,15 @@ def test_demo_learns_and_draws_the_requested_classes(tmp_path):
     assert log[-1]["step"] == config.total_steps
     ratio = log[-1]["loss"] / log[0]["loss"]
     print(f"demo loss {log[0]['loss']:.4f} -> {log[-1]['loss']:.4f} (ratio {ratio:.3f})")
-    assert ratio < 0.15
+    assert ratio < 0.3
     final = np.load(tmp_path / "demo" / "samples" / f"step_{config.total_steps:07d}.npz")
     predicted = np.array([classify_image(image) for image in final["images"]])
-    accuracy = float(np.mean(predicted == final["labels"]))
-    print(f"demo samples: requested {final['labels'].tolist()}, drawn {predicted.tolist()}")
-    assert accuracy >= 0.75
+    colours = float(np.mean(predicted == final["labels"]))
+    shapes = shape_accuracy(final["images"], final["labels"])
+    score = shape_score(final["images"], final["labels"])
+    print(f"demo samples: colour accuracy {colours:.3f}, shape accuracy {shapes:.3f}, "
+          f"shape score {score:.3f}")
+    assert log[-1]["shape_score"] == pytest.approx(score)
+    assert colours >= 0.9
+    assert shapes >= DEMO_SHAPE_ACCURACY
     assert (tmp_path / "demo" / "samples" / f"step_{config.total_steps:07d}.png").is_file()

@@ -32,7 +32,8 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from dit_jax.data.builtin import BuiltinShapes, classify_image
+from dit_jax.data.builtin import (BuiltinShapes, classify_image, judge_shape, shape_accuracy,
+                                  shape_score)
 from dit_jax.data.epochs import batches_per_epoch, stream_position
 from dit_jax.data.folder import ImageFolderSource, class_folders_for
 from dit_jax.data.latents import LatentSource
@@ -181,7 +182,8 @@ def make_source(data_config, *, model_input: tuple[int, int, int] | None = None,
                                         if name == "latents" else ""))
     if name == "folder":
         return ImageFolderSource(data_config.path, data_config.image_size,
-                                 class_folders=class_folders_for(layout))
+                                 class_folders=class_folders_for(layout),
+                                 random_flip=bool(data_config.random_flip))
     if name == "latents":
         return LatentSource(data_config.path, image_size=data_config.image_size)
     raise ValueError(f"unknown data source {name!r}; choose builtin, synthetic, folder or latents")
@@ -200,4 +202,5 @@ def make_batches(source: Source, *, global_batch_size: int, seed: int,
 
 
 __all__ = ["BatchIterator", "Batches", "BuiltinShapes", "Source", "SyntheticLatents", "classify_image",
+           "judge_shape", "shape_accuracy", "shape_score",
            "get_batch", "make_batches", "make_source"]

@@ -115,8 +115,10 @@ class ImageFolderSource:
     flip (`augment` does that, so the pipeline can seed it per example)."""
 
     def __init__(self, root: str | os.PathLike, image_size: int, *,
-                 class_folders: bool | None = None, replace_unreadable: bool = True):
+                 class_folders: bool | None = None, replace_unreadable: bool = True,
+                 random_flip: bool = True):
         self.root = str(root)
+        self.random_flip = bool(random_flip)
         self.image_size = int(image_size)
         self.paths, self.labels, self.class_names = scan_folder(root, class_folders)
         self.num_classes = len(self.class_names)
@@ -162,11 +164,11 @@ class ImageFolderSource:
             raise RuntimeError(f"no readable image in {self.root!r}: all {len(self)} files failed")
         return {"x": image, "y": np.int32(self.labels[source_index]), "skipped": np.int32(skipped)}
 
-    @staticmethod
-    def augment(record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-        """RandomHorizontalFlip(p=0.5). Flipping after normalising is exact: it only moves
-        values."""
-        if rng.random() < 0.5:
+    def augment(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        """RandomHorizontalFlip(p=0.5), as released; off with random_flip=False (data whose
+        mirror image is another thing, such as digits or letters). Flipping after normalising is
+        exact: it only moves values."""
+        if rng.random() < 0.5 and self.random_flip:
             record = dict(record, x=hflip(record["x"]))
         return record
 

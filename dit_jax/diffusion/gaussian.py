@@ -23,6 +23,8 @@ import numpy as np
 from dit_jax.diffusion import solver
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
+# What the model's mean channels predict: ε (DiT), x0, or v (not official; off by default).
+MODEL_MEAN_TYPES = ("epsilon", "start_x", "velocity")
 
 # ----------------------------------------------------------------------------------------------
 # Schedules and respacing (float64 NumPy, host side)
@@ -155,26 +157,30 @@ class GaussianDiffusion:
     it. `original_num_steps`: length of the unrespaced process.
 
     model_var_type: "learned_range" (DiT), "fixed_large" or "fixed_small".
-    model_mean_type: "epsilon" (DiT) or "start_x". loss_type: "mse" (DiT), "rescaled_mse", "kl",
+    model_mean_type: "epsilon" (DiT), "start_x", or "velocity" (not in the official release:
+    v = sqrt(ᾱ)·ε - sqrt(1-ᾱ)·x0, Salimans & Ho's v-prediction; docs/small_data.md). loss_type: "mse" (DiT), "rescaled_mse", "kl",
     "rescaled_kl".
     """
 
     def __init__(self, betas, *, timestep_map=None, original_num_steps=None,
                  model_mean_type: str = "epsilon", model_var_type: str = "learned_range",
-                 loss_type: str = "mse"):
+                 loss_type: str = "mse", min_snr_gamma: float = 0.0):
         betas = np.array(betas, dtype=np.float64)
         if betas.ndim != 1 or not ((betas > 0).all() and (betas <= 1).all()):
             raise ValueError("betas must be 1-D and in (0, 1]")
         if len(betas) < 2:
             # The clipped posterior log-variance borrows entry 1 for entry 0.
             raise ValueError("a diffusion needs at least 2 steps")
-        if model_mean_type not in ("epsilon", "start_x"):
+        if model_mean_type not in MODEL_MEAN_TYPES:
             raise ValueError(f"unknown model_mean_type {model_mean_type!r}")
         if model_var_type not in ("learned_range", "fixed_large", "fixed_small"):
             raise ValueError(f"unknown model_var_type {model_var_type!r}")
         if loss_type not in _LOSS_TYPES:
             raise ValueError(f"unknown loss_type {loss_type!r}")
+        if min_snr_gamma < 0:
+            raise ValueError(f"min_snr_gamma must be >= 0 (0: off), got {min_snr_gamma}")
         self.model_mean_type = model_mean_type
+        self.min_snr_gamma = float(min_snr_gamma)
         self.model_var_type = model_var_type
         self.loss_type = loss_type
         self.num_timesteps = n = len(betas)
@@ -215,6 +221,9 @@ class GaussianDiffusion:
                  "posterior_mean_coef1", "posterior_mean_coef2")
         f32 = {k: getattr(self, k).astype(np.float32) for k in names}
         f32["log_betas"] = np.log(self.betas).astype(np.float32)
+        if self.min_snr_gamma:
+            f32["mse_weight"] = min_snr_weights(self.alphas_cumprod, self.min_snr_gamma,
+                                                model_mean_type).astype(np.float32)
         if model_var_type in fixed:
             f32["fixed_variance"] = fixed[model_var_type][0].astype(np.float32)
             f32["fixed_log_variance"] = fixed[model_var_type][1].astype(np.float32)
@@ -261,7 +270,8 @@ class GaussianDiffusion:
 def create_diffusion(timestep_respacing="", noise_schedule: str = "linear", use_kl: bool = False,
                      sigma_small: bool = False, predict_xstart: bool = False,
                      learn_sigma: bool = True, rescale_learned_sigmas: bool = False,
-                     diffusion_steps: int = 1000) -> GaussianDiffusion:
+                     diffusion_steps: int = 1000, prediction: str | None = None,
+                     min_snr_gamma: float = 0.0) -> GaussianDiffusion:
     """The official `create_diffusion`: DiT trains with `create_diffusion("")` (1000 steps,
     linear, ε prediction, learned-range variance, MSE + VB) and samples with
     `create_diffusion("250")`.
@@ -271,7 +281,9 @@ def create_diffusion(timestep_respacing="", noise_schedule: str = "linear", use_
     log-SNR, see `logsnr_timesteps`; the recommended grid for DPM-Solver++).
     noise_schedule: "linear" or "squaredcos_cap_v2".
     Without learn_sigma the variance is fixed: β_t ("fixed_large") or, with sigma_small, the
-    posterior variance β̃_t.
+    posterior variance β̃_t. prediction (not official): what the model predicts, "epsilon",
+    "start_x" or "velocity"; None: as predict_xstart says (the official switch).
+    min_snr_gamma (not official; 0: off): weigh each step's MSE by min-SNR-γ (`min_snr_weights`).
     """
     betas = get_named_beta_schedule(noise_schedule, diffusion_steps)
     if use_kl:
@@ -290,10 +302,10 @@ def create_diffusion(timestep_respacing="", noise_schedule: str = "linear", use_
     new_betas, timestep_map = respace_betas(betas, use_timesteps)
     return GaussianDiffusion(
         new_betas, timestep_map=timestep_map, original_num_steps=diffusion_steps,
-        model_mean_type="start_x" if predict_xstart else "epsilon",
+        model_mean_type=prediction or ("start_x" if predict_xstart else "epsilon"),
         model_var_type=("learned_range" if learn_sigma
                         else "fixed_small" if sigma_small else "fixed_large"),
-        loss_type=loss_type)
+        loss_type=loss_type, min_snr_gamma=min_snr_gamma)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -366,6 +378,35 @@ def predict_eps_from_xstart(diffusion: GaussianDiffusion, x_t, t, pred_xstart):
             / diffusion.extract("sqrt_recipm1_alphas_cumprod", t, x_t.ndim))
 
 
+def min_snr_weights(alphas_cumprod: np.ndarray, gamma: float, model_mean_type: str) -> np.ndarray:
+    """Min-SNR-γ loss weights (Hang et al. 2023), float64, one per step: the x0-space weight
+    min(SNR, γ), with SNR = ᾱ/(1-ᾱ), expressed for the model's target (an ε error is an x0 error
+    × sqrt(SNR), a v error × sqrt(SNR + 1)): min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR + 1) for v,
+    min(SNR, γ) for x0. Caps the weight of the easy low-noise steps, so training spends itself on
+    the noise levels where the image's layout is decided."""
+    abar = np.asarray(alphas_cumprod, np.float64)
+    snr = abar / (1.0 - abar)
+    capped = np.minimum(snr, gamma)
+    return {"epsilon": capped / snr, "velocity": capped / (snr + 1.0),
+            "start_x": capped}[model_mean_type]
+
+
+def velocity_target(diffusion: GaussianDiffusion, x_start, t, noise):
+    """v = sqrt(ᾱ_t)·ε - sqrt(1-ᾱ_t)·x0: the target of a "velocity" model."""
+    t = _steps(t, x_start)
+    return (diffusion.extract("sqrt_alphas_cumprod", t, x_start.ndim) * noise
+            - diffusion.extract("sqrt_one_minus_alphas_cumprod", t, x_start.ndim) * x_start)
+
+
+def xstart_and_eps_from_velocity(diffusion: GaussianDiffusion, x_t, t, v):
+    """(x̂0, ε̂) from a predicted v: with x_t = a·x0 + b·ε and v = a·ε - b·x0 (a² + b² = 1),
+    x0 = a·x_t - b·v and ε = b·x_t + a·v."""
+    t = _steps(t, x_t)
+    a = diffusion.extract("sqrt_alphas_cumprod", t, x_t.ndim)
+    b = diffusion.extract("sqrt_one_minus_alphas_cumprod", t, x_t.ndim)
+    return a * x_t - b * v, b * x_t + a * v
+
+
 def split_output(diffusion: GaussianDiffusion, model_output, x):
     """(mean part, variance values or None) of a channels-last model output."""
     c = x.shape[-1]
@@ -395,6 +436,8 @@ def output_mean_variance(diffusion: GaussianDiffusion, model_output, x, t) -> di
     if diffusion.model_mean_type == "start_x":
         pred_xstart = mean_out
         eps = predict_eps_from_xstart(diffusion, x, t, pred_xstart)
+    elif diffusion.model_mean_type == "velocity":
+        pred_xstart, eps = xstart_and_eps_from_velocity(diffusion, x, t, mean_out)
     else:
         eps = mean_out
         pred_xstart = predict_xstart_from_eps(diffusion, x, t, eps)
@@ -452,8 +495,13 @@ def training_losses(diffusion: GaussianDiffusion, model_fn: ModelFn, x_start: ja
         if diffusion.loss_type == "rescaled_mse":
             vb = vb * (diffusion.num_timesteps / 1000.0)
         terms["vb"] = vb
-    target = x_start if diffusion.model_mean_type == "start_x" else noise
+    if diffusion.model_mean_type == "velocity":
+        target = velocity_target(diffusion, x_start, t, noise)
+    else:
+        target = x_start if diffusion.model_mean_type == "start_x" else noise
     terms["mse"] = mean_flat((target - mean_out) ** 2)
+    if diffusion.min_snr_gamma:
+        terms["mse"] = terms["mse"] * diffusion.extract("mse_weight", t, 1)
     terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
     return terms
 

@@ -4,7 +4,11 @@ throughput / MFU (SPEC §4). Only host 0 writes; the other hosts' writers do not
     WORKDIR/log.jsonl        one JSON object per logged step:
                              step, loss, mse, vb, grad_norm, lr, steps_per_sec, images_per_sec,
                              mfu (null where no peak is known, e.g. on CPU), time
-    WORKDIR/tensorboard/     the same scalars as TensorBoard events
+                             and, at sample-grid steps on the built-in data, shape_score (the
+                             fraction of grid samples that show the requested shape, clean) and
+                             shape_accuracy (the fraction whose shape is the requested one)
+    WORKDIR/tensorboard/     the same scalars as TensorBoard events (train/<key>), and the sample
+                             grids as images (samples/grid)
 """
 
 from __future__ import annotations
@@ -62,6 +66,12 @@ class MetricWriter:
             for key, value in record.items():
                 if key != "step" and value is not None:
                     self._tb.add_scalar(f"train/{key}", value, step)
+            self._tb.flush()
+
+    def write_image(self, step: int, tag: str, image) -> None:
+        """An (H, W, 3) uint8 image to TensorBoard (JSONL holds numbers only)."""
+        if self.enabled and self._tb is not None:
+            self._tb.add_image(tag, image, step, dataformats="HWC")
             self._tb.flush()
 
     def close(self) -> None:

@@ -37,6 +37,7 @@ from jax.sharding import Mesh
 
 from dit_jax.checkpoint import Checkpoints, write_run_config
 from dit_jax.data import BatchIterator, Source, make_batches, make_source
+from dit_jax.data.builtin import shape_accuracy, shape_score
 from dit_jax.data.folder import save_class_mapping
 from dit_jax.diffusion import create_diffusion
 from dit_jax.distributed import initialize_distributed
@@ -179,20 +180,20 @@ def _run(config, workdir: Path, source: Source, model_cfg: DiTConfig, mesh: Mesh
                 pending = []
             if log_now or save_now:
                 skipped = report_skipped(batches, skipped)
+            rates = throughput.measure(step) if log_now else None  # before sampling's time
+            sample_metrics = sample_grid(grids, step, state, buffers, writer, progress,
+                                         separate_record=not log_now) if sample_now else {}
             if log_now:
-                last_logged = summarize(window, throughput.measure(step))
+                last_logged = summarize(window, rates)
                 if skipped is not None:
                     last_logged["skipped"] = skipped
+                last_logged.update(sample_metrics)
                 writer.write(step, last_logged)
                 progress.show(last_logged)
                 window = []
                 throughput.restart(step)
             if save_now:
                 checkpoints.save(state, data_state=batches.get_state(), model_config=model_cfg)
-            if sample_now:
-                path = grids(step, state.ema, buffers)
-                if path is not None:
-                    progress.write(f"step {step}: samples in {path}")
             if eval_now:
                 value = fid(state.ema, buffers)
                 writer.write(step, {"fid": value})
@@ -281,6 +282,25 @@ def run_model_config(config, source: Source, vae: AutoencoderKL | None) -> DiTCo
 
 # --------------------------------------------------------------------------------------------
 # Pieces of the loop
+
+
+def sample_grid(grids: "SampleGrids", step: int, state, buffers, writer: MetricWriter,
+                progress: Progress, separate_record: bool) -> dict[str, float]:
+    """Draw and write the sample grid of `step`; the grid also goes to TensorBoard. Returns the
+    grid's quality metrics (the shape-aware score on the built-in data) for the step's log line,
+    or writes them as a line of their own when no metrics line is due at this step."""
+    path = grids(step, state.ema, buffers)
+    if path is None:  # not host 0
+        return {}
+    writer.write_image(step, "samples/grid", grids.grid)
+    message = f"step {step}: samples in {path}"
+    if "shape_score" in grids.metrics:
+        message += f", shape score {grids.metrics['shape_score']:.2f}"
+    progress.write(message)
+    if separate_record and grids.metrics:
+        writer.write(step, grids.metrics)
+        return {}
+    return dict(grids.metrics)
 
 
 def report_skipped(batches: BatchIterator, reported: int | None) -> int | None:
@@ -394,7 +414,9 @@ def make_objective(config, model_cfg: DiTConfig):
         raise ValueError(f"config.objective={objective!r}: choose 'diffusion' or 'transport'")
     return create_diffusion("", noise_schedule=config.diffusion.noise_schedule,
                             learn_sigma=model_cfg.learn_sigma,
-                            diffusion_steps=int(config.diffusion.diffusion_steps))
+                            diffusion_steps=int(config.diffusion.diffusion_steps),
+                            prediction=config.diffusion.prediction,
+                            min_snr_gamma=float(config.diffusion.min_snr_gamma))
 
 
 # --------------------------------------------------------------------------------------------
@@ -403,7 +425,9 @@ def make_objective(config, model_cfg: DiTConfig):
 
 class SampleGrids:
     """Class-conditional samples from the EMA weights with classifier-free guidance, written to
-    WORKDIR/samples/step_<step>.png (a grid) and .npz (images uint8 and labels). The labels cycle
+    WORKDIR/samples/step_<step>.png (a grid) and .npz (images uint8 and labels); after each call
+    `grid` is the grid (uint8) and `metrics` its quality metrics (`shape_score` and
+    `shape_accuracy` on the built-in data). The labels cycle
     through the classes and the initial noise is the same every time, so successive grids show
     the same draws as training proceeds. The sampler of sample.py, with the run's diffusion."""
 
@@ -412,6 +436,8 @@ class SampleGrids:
         n = int(config.sample.num_images)
         self.labels = np.arange(n, dtype=np.int32) % max(model_cfg.num_classes, 1)
         self.directory = workdir / SAMPLES_DIR
+        self.builtin_data = config.data.source == "builtin"
+        self.grid, self.metrics = None, {}  # of the latest grid
         self.sampler = ema_sampler(graphdef, abstract_weights, model_cfg, config, mesh, n, vae)
 
     def __call__(self, step: int, ema, buffers) -> Path | None:
@@ -420,7 +446,13 @@ class SampleGrids:
             return None
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"step_{step:07d}.png"
-        save_png(path, make_grid(images))
+        self.grid = make_grid(images)
+        save_png(path, self.grid)
+        # The built-in shapes can be judged by program: the fraction of samples that show the
+        # requested shape, clean-edged, in the requested colour, on a clean background.
+        self.metrics = ({"shape_score": shape_score(images, self.labels),
+                         "shape_accuracy": shape_accuracy(images, self.labels)}
+                        if self.builtin_data else {})
         np.savez(path.with_suffix(".npz"), images=images, labels=self.labels)
         return path
 
@@ -448,7 +480,8 @@ def ema_sampler(graphdef, abstract_weights: tuple, model_cfg: DiTConfig, config,
         # x̂0 clipping is a diffusion-sampler option; transport samplers run unclipped.
         clip_denoised=bool(s.clip_denoised) and not transport,
         noise_schedule=config.diffusion.noise_schedule,
-        diffusion_steps=int(config.diffusion.diffusion_steps), **transport)
+        diffusion_steps=int(config.diffusion.diffusion_steps),
+        prediction="epsilon" if transport else config.diffusion.prediction, **transport)
 
 
 class TrainingFID:
