@@ -1,4 +1,5 @@
-"""Training config for the twelve official DiTs, official recipe as defaults (SPEC §3).
+"""Training config for the twelve official DiTs, official recipe as defaults
+(docs/numerics.md#training-recipe).
 
     python train.py --config=configs/dit.py:XL/2 --workdir=runs/xl2 --config.data.path=/data/latents
     python train.py --config=configs/dit.py:XL/2 --config.data.image_size=512 ...

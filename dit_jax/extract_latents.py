@@ -1,4 +1,5 @@
-"""Encode an image folder once with the VAE: the fast path of training (SPEC §3).
+"""Encode an image folder once with the VAE: the fast path of training
+(docs/numerics.md#latents-and-data).
 
     python -m dit_jax.extract_latents --data /data/imagenet/train --out /data/latents256 \\
         --image-size 256 --vae stabilityai/sd-vae-ft-ema

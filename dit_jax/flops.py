@@ -1,4 +1,4 @@
-"""Analytic cost of a DiT and the peak rates used for MFU (SPEC §4).
+"""Analytic cost of a DiT and the peak rates used for MFU (docs/numerics.md#cost-and-mfu).
 
 The paper's "Gflops" are multiply-accumulates (MACs) of one forward pass of one image, counted
 over the matrix products: every Linear and the patch convolution, plus the two attention

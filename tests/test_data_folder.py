@@ -20,9 +20,10 @@ from imagedata import draw_image, make_image_folder
 
 # --- the ADM center crop -------------------------------------------------------------------------
 
-def spec_center_crop(image: Image.Image, size: int) -> np.ndarray:
-    """SPEC §3, transcribed independently: count the BOX halvings first, apply them, one BICUBIC
-    resize to short side = size (long side rounded half-to-even), crop at (h-size)//2, (w-size)//2."""
+def reference_center_crop(image: Image.Image, size: int) -> np.ndarray:
+    """The ADM center crop of docs/numerics.md#latents-and-data, transcribed independently: count
+    the BOX halvings first, apply them, one BICUBIC resize to short side = size (long side rounded
+    half-to-even), crop at (h-size)//2, (w-size)//2."""
     w, h = image.size
     halvings = 0
     while min(w >> halvings, h >> halvings) >= 2 * size:
@@ -58,12 +59,12 @@ CROP_CASES = [
 
 
 @pytest.mark.parametrize("w,h,size,halved,resized", CROP_CASES)
-def test_adm_center_crop_matches_spec(w, h, size, halved, resized):
+def test_adm_center_crop_matches_reference(w, h, size, halved, resized):
     rng = np.random.default_rng(w * 1000 + h)
     image = draw_image(rng, w, h)
     out = center_crop_arr(image, size)
     assert out.shape == (size, size, 3) and out.dtype == np.uint8
-    np.testing.assert_array_equal(out, spec_center_crop(image, size))
+    np.testing.assert_array_equal(out, reference_center_crop(image, size))
 
     # The hand-computed intermediate sizes pin down the halving count and the rounding.
     step = image

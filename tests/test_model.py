@@ -1,5 +1,5 @@
-"""The DiT model against SPEC §1: parameter counts, fixed embeddings, unpatchify, label dropout,
-precision and the remat / scanned forms."""
+"""The DiT model against docs/numerics.md#model: parameter counts, fixed embeddings, unpatchify,
+label dropout, precision and the remat / scanned forms."""
 
 import dataclasses
 import math

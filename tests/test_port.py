@@ -1,5 +1,6 @@
 """dit_jax.port.dit against PyTorch: diffusers' DiTTransformer2DModel as the reference for both
-numerics (patched per SPEC §1 for the official function), exact round trips, and error paths."""
+numerics (patched as docs/numerics.md#diffusers-port says, for the official function), exact round
+trips, and error paths."""
 
 import argparse
 
@@ -87,7 +88,7 @@ def test_diffusers_and_official_numerics(tmp_path, patch, side, heads, head_dim)
     err = _rel(_run_jax(model, x, t, y), reference)
     assert err < 1e-5, err
 
-    # SPEC §1: patched this way diffusers computes the official function.
+    # docs/numerics.md#diffusers-port: patched this way diffusers computes the official function.
     for block in torch_model.transformer_blocks:
         block.norm1.emb.time_proj.downscale_freq_shift = 0
         block.norm3.eps = 1e-6

@@ -1,4 +1,5 @@
-"""Image preprocessing exactly as the official DiT `train.py` does it (SPEC §3).
+"""Image preprocessing exactly as the official DiT `train.py` does it
+(docs/numerics.md#latents-and-data).
 
 The released transform is
 

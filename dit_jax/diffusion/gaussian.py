@@ -1,10 +1,11 @@
 """Gaussian diffusion as in the official DiT release (`diffusion/`, from OpenAI's improved-DDPM).
 
 Schedules and respacing, the forward process, the model's reverse step (ε prediction with the
-learned-range variance), the training loss (MSE + VB) and the DDPM / DDIM samplers. See
-shared/SPEC.md §2. Everything here is a pure function of arrays plus a `model_fn(x_t, t) -> out`
-with channels-last outputs (`out[..., :C]` is ε, `out[..., C:]` the variance values v) and `t`
-the ORIGINAL timesteps (int32, shape (N,)); this module knows nothing of Flax.
+learned-range variance), the training loss (MSE + VB) and the DDPM / DDIM samplers; see
+docs/numerics.md#diffusion. Everything here is a pure function of arrays plus a
+`model_fn(x_t, t) -> out` with channels-last outputs (`out[..., :C]` is ε, `out[..., C:]` the
+variance values v) and `t` the ORIGINAL timesteps (int32, shape (N,)); this module knows nothing
+of Flax.
 
 The tables are built in float64 NumPy exactly as the official code builds them and kept on the
 `GaussianDiffusion` object; the values a step uses are gathered from float32 copies of them, which

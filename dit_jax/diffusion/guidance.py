@@ -2,9 +2,9 @@
 
 The released DiT (`forward_with_cfg`) runs [x; x] with labels [y; null] as one batch and guides
 output channels 0..2 only: ε = ε_uncond + s·(ε_cond - ε_uncond) there, while channel 3 and the
-variance channels keep the conditional prediction (SPEC §2). The textbook form guides every ε
-channel. The wrapper returns an ordinary model_fn(x, t) of the un-doubled batch, so any sampler
-takes it unchanged.
+variance channels keep the conditional prediction (docs/numerics.md#classifier-free-guidance).
+The textbook form guides every ε channel. The wrapper returns an ordinary model_fn(x, t) of the
+un-doubled batch, so any sampler takes it unchanged.
 """
 
 from __future__ import annotations

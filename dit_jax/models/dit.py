@@ -1,7 +1,7 @@
 """DiT (Peebles & Xie, "Scalable Diffusion Models with Transformers") in Flax NNX.
 
 The same function as the official PyTorch release (facebookresearch/DiT, `models.py`), to float32
-rounding, in channels-last layout: images are (N, H, W, C) in and out. See ../shared/SPEC.md §1.
+rounding, in channels-last layout: images are (N, H, W, C) in and out. See docs/numerics.md#model.
 
 Every parameter carries logical axis names (`out_sharding` metadata, e.g. ("embed", "mlp")); the
 mapping of those names to mesh axes lives in `dit_jax.sharding`, so this file knows nothing of

@@ -1,7 +1,8 @@
 """Stable Diffusion's VAE (diffusers `AutoencoderKL`) in Flax NNX, channels-last (N, H, W, C).
 
 The same function as diffusers' PyTorch `AutoencoderKL` with DownEncoderBlock2D / UpDecoderBlock2D
-blocks (stabilityai/sd-vae-ft-ema and sd-vae-ft-mse, and any config of that family); see SPEC §3.
+blocks (stabilityai/sd-vae-ft-ema and sd-vae-ft-mse, and any config of that family); see
+docs/numerics.md#latents-and-data.
 Attribute names mirror diffusers' module names (`encoder.down_blocks[0].resnets[1].conv1`, ...),
 so the weight port in `dit_jax.port.vae` is a mechanical renaming.
 

@@ -80,7 +80,8 @@ CHECKPOINT_FIELDS = ("input_size", "patch_size", "in_channels", "hidden_size", "
 
 TRAIN_DICT_ENTRIES = ("model", "ema")
 
-# The official models' label dropout: their tables hold the null row (SPEC §1).
+# The official models' label dropout: their tables hold the null row
+# (docs/numerics.md#forward-pass).
 OFFICIAL_CLASS_DROPOUT = 0.1
 
 

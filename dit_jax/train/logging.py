@@ -1,5 +1,6 @@
 """What a run reports: a JSONL log and TensorBoard events in the workdir, a progress bar, and
-throughput / MFU (SPEC §4). Only host 0 writes; the other hosts' writers do nothing.
+throughput / MFU (docs/numerics.md#cost-and-mfu). Only host 0 writes; the other hosts' writers do
+nothing.
 
     WORKDIR/log.jsonl        one JSON object per logged step:
                              step, loss, mse, vb, grad_norm, lr, steps_per_sec, images_per_sec,
