@@ -29,8 +29,9 @@ SCRIPT = Path(__file__).resolve()
 
 def defaults(platform: str) -> dict:
     if platform == "gpu":
-        return dict(models=["DiT-XL/2", "DiT-B/4", "DiT-S/2"], batch=128, dtype="bfloat16")
-    return dict(models=["DiT-S/2", "DiT-B/4"], batch=8, dtype="float32")
+        return dict(models=["DiT-XL/2", "DiT-B/4", "DiT-S/2"], batch=128, dtype="bfloat16",
+                    iters=(3, 20), inner=5)
+    return dict(models=["DiT-S/2", "DiT-B/4"], batch=8, dtype="float32", iters=(3, 10), inner=1)
 
 
 def jax_worker(args) -> dict:
@@ -59,16 +60,16 @@ def jax_worker(args) -> dict:
                            ).lower(*inputs).compile()
         return compiled, inputs, time.perf_counter() - start
 
-    compiled, inputs, compile_s = common.with_cudnn_fallback(build, common.jax_attention(args), row)
+    compiled, inputs, compile_s = common.with_cudnn_fallback(build, args, row)
     timing = common.measure(lambda: compiled(*inputs), jax.block_until_ready,
-                            warmup=args.warmup, iters=args.iters, inner=args.inner)
+                            iters=args.iters, inner=args.inner)
     return {**row, "compile_s": compile_s, "timing": timing, **common.jax_row(compiled)}
 
 
 def torch_worker(args) -> dict:
     import torch
 
-    device = common.torch_setup(args.platform)
+    device, sync = common.torch_setup()
     dtype = getattr(torch, args.dtype)
     model = common.torch_dit(args.model, image_size=args.image_size, device=device).to(dtype)
     x, t, y = common.torch_inputs(args.batch, args.image_size, device, dtype)
@@ -77,8 +78,7 @@ def torch_worker(args) -> dict:
         with torch.inference_mode():
             return model(x, t, y).sample
 
-    timing = common.measure(run, common.torch_sync(device), warmup=args.warmup, iters=args.iters,
-                            inner=args.inner)
+    timing = common.measure(run, sync, iters=args.iters, inner=args.inner)
     return {"framework": "torch", "variant": f"torch {args.dtype}", "attention": "sdpa",
             "timing": timing, **common.torch_row(device)}
 
@@ -86,29 +86,21 @@ def torch_worker(args) -> dict:
 def main(argv=None) -> dict:
     p = common.parser(__doc__, ["jax", "torch"])
     p.add_argument("--models", default=None, help="comma-separated official names")
-    args = p.parse_args(argv)
-    if common.dispatch(args, {"jax": jax_worker, "torch": torch_worker}):
+    if not (started := common.begin(p, argv, {"jax": jax_worker, "torch": torch_worker},
+                                    "forward", defaults)):
         return {}
-
-    platform = common.detect_platform()
-    s = common.settings(args, defaults(platform), iters=(3, 10 if platform == "cpu" else 20))
-    inner = 1 if platform == "cpu" else 5
-    report = {"benchmark": "forward", "platform": platform, **common.environment(),
-              "config": {**s, "inner": inner, "scan_blocks": bool(args.scan_blocks)}, "rows": []}
-    base = ["--batch", str(s["batch"]), "--dtype", s["dtype"], "--image-size", str(s["image_size"]),
-            "--platform", platform, "--iters", str(s["iters"]), "--inner", str(inner),
-            "--scan-blocks", str(args.scan_blocks), *(["--attention", args.attention] if args.attention else [])]
-    sides = [("jax", ["--worker", "jax"]), ("torch", ["--worker", "torch"])]
+    args, platform, s, report, shared = started
+    base = [*shared, "--batch", str(s["batch"]), "--dtype", s["dtype"], "--iters", str(s["iters"]),
+            "--inner", str(s["inner"])]
     for model in s["models"]:
         report["rows"] += common.compare(
-            SCRIPT, [(label, [*side, "--model", model]) for label, side in sides], base,
+            SCRIPT, [("jax", ["--worker", "jax"]), ("torch", ["--worker", "torch"])], base,
             platform=platform, images=s["batch"], dtype=s["dtype"], model=model, batch=s["batch"],
             flops=common.forward_flops_per_image(model, s["image_size"]) * s["batch"])
     report["table"] = common.print_table(
         f"Forward, batch {s['batch']}, {s['dtype']}, {common.device_kind(report['rows'], platform)}",
-        report["rows"],
-        [("model", "model", ""), ("variant", "implementation", ""), ("ms", "ms (median)", ".1f"),
-         ("min_ms", "ms (min)", ".1f"), *common.THROUGHPUT_COLUMNS])
+        report["rows"], common.row_columns("model", "ms (median)", ".1f",
+                                           ("min_ms", "ms (min)", ".1f")))
     common.write_report("forward", report, args.json)
     return report
 

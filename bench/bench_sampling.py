@@ -32,11 +32,12 @@ NULL_LABEL = 1000
 
 
 def defaults(platform: str) -> dict:
+    compile_job = dict(compile_model="DiT-XL/2", compile_batch=64, iters=(2, 5))
     if platform == "gpu":
         return dict(model="DiT-XL/2", batch=64, dtype="bfloat16", ddim_steps=50, ddpm_steps=250,
-                    dpm_steps=20)
+                    dpm_steps=20, **compile_job)
     return dict(model="DiT-S/2", batch=4, dtype="float32", ddim_steps=10, ddpm_steps=10,
-                dpm_steps=10)
+                dpm_steps=10, **compile_job)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -60,7 +61,7 @@ def _jax_sampler(args, attention: str):
         return dit_jax.create_model(args.model, image_size=args.image_size, dtype=dtype,
                                     attention_impl=attention, scan_blocks=args.scan_blocks)
 
-    graphdef, abstract_params, abstract_rest = nnx.split(nnx.eval_shape(create), nnx.Param, ...)
+    graphdef = nnx.split(nnx.eval_shape(create), nnx.Param, ...)[0]
     diffusion = diffusion_for(args.sampler, args.steps)
 
     def guided(model_args, x, t):
@@ -69,25 +70,17 @@ def _jax_sampler(args, attention: str):
 
     run = jax.jit(lambda model_args, x_T, key: sample_loop(
         args.sampler, diffusion, lambda x, t: guided(model_args, x, t), x_T, key))
-    side = args.image_size // 8
-
-    def abstract():
-        sds = lambda a, dt=None: jax.ShapeDtypeStruct(a.shape, dt or a.dtype)  # noqa: E731
-        # Weights stored in the compute dtype, as a bf16 PyTorch model holds them.
-        params = jax.tree.map(lambda a: sds(a, dtype), abstract_params)
-        return ((params, jax.tree.map(sds, abstract_rest),
-                 jax.ShapeDtypeStruct((args.batch,), jnp.int32)),
-                jax.ShapeDtypeStruct((args.batch, side, side, 4), jnp.float32),
-                jax.eval_shape(lambda: jax.random.key(0)))
 
     def concrete():
         _, params, rest = nnx.split(create(), nnx.Param, ...)
+        # Weights stored in the compute dtype, as a bf16 PyTorch model holds them.
         params = jax.tree.map(lambda a: a.astype(dtype), common.random_params(params))
         labels = jax.random.randint(jax.random.key(3), (args.batch,), 0, 1000, jnp.int32)
+        side = args.image_size // 8
         x_T = jax.random.normal(jax.random.key(1), (args.batch, side, side, 4), jnp.float32)
         return (params, rest, labels), x_T, jax.random.key(2)
 
-    return run, jax.jit(guided), abstract, concrete
+    return run, jax.jit(guided), lambda: jax.eval_shape(concrete), concrete
 
 
 def _compile(args, attention: str):
@@ -109,16 +102,16 @@ def jax_worker(args) -> dict:
            "sampler": args.sampler, "steps": args.steps, "batch": args.batch,
            "scan_blocks": args.scan_blocks}
     compiled, call, concrete, lower_s, compile_s = common.with_cudnn_fallback(
-        lambda attention: _compile(args, attention), common.jax_attention(args), row)
+        lambda attention: _compile(args, attention), args, row)
     if args.compile_only:  # abstract inputs only: nothing allocated or run (XL/2 on any machine)
         return {**row, "lower_s": lower_s, "compile_s": compile_s, "total_s": lower_s + compile_s,
                 **common.jax_row()}
     model_args, x_T, key = concrete()
     timing = common.measure(lambda: compiled(model_args, x_T, key), jax.block_until_ready,
-                            warmup=args.warmup, iters=args.iters)
+                            iters=args.iters)
     t = jnp.full((args.batch,), 500, jnp.int32)
     single = common.measure(lambda: call(model_args, x_T, t), jax.block_until_ready,
-                            warmup=1, iters=args.iters, inner=args.steps)
+                            iters=args.iters, inner=args.steps)
     per_step = timing["min_s"] / args.steps
     return {**row, "lower_s": lower_s, "compile_s": lower_s + compile_s, "timing": timing,
             "model_call_ms": single["min_s"] * 1e3, "loop_per_step_ms": per_step * 1e3,
@@ -136,7 +129,7 @@ def torch_worker(args) -> dict:
     import diffusers
     import torch
 
-    device = common.torch_setup(args.platform)
+    device, sync = common.torch_setup()
     dtype = getattr(torch, args.dtype)
     model = common.torch_dit(args.model, image_size=args.image_size, device=device).to(dtype)
     if args.sampler == "ddim":
@@ -161,8 +154,7 @@ def torch_worker(args) -> dict:
             x = scheduler.step(out if args.sampler == "ddpm" else out[:, :4], t, x).prev_sample
         return x
 
-    timing = common.measure(sample, common.torch_sync(device), warmup=args.warmup,
-                            iters=args.iters)
+    timing = common.measure(sample, sync, iters=args.iters)
     return {"framework": "torch", "variant": f"torch {args.dtype} (diffusers {args.sampler})",
             "attention": "sdpa", "compile_s": None, "timing": timing,
             **common.torch_row(device)}
@@ -184,26 +176,19 @@ def main(argv=None) -> dict:
     p.add_argument("--sampler", help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     p.add_argument("--cfg-scale", type=float, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if common.dispatch(args, {"jax": jax_worker, "torch": torch_worker}):
+    if not (started := common.begin(p, argv, {"jax": jax_worker, "torch": torch_worker},
+                                    "sampling", defaults, guidance="released (3 channels)")):
         return {}
-
-    platform = common.detect_platform()
-    s = common.settings(args, {**defaults(platform), "compile_model": "DiT-XL/2",
-                               "compile_batch": 64}, iters=(2, 5))
+    args, platform, s, report, shared = started
     if args.tiny:
         s.update(ddim_steps=2, ddpm_steps=2, dpm_steps=2)
+        report["config"].update(ddim_steps=2, ddpm_steps=2, dpm_steps=2)
     model, batch, dtype = s["model"], s["batch"], s["dtype"]
     jobs = [("ddim", s["ddim_steps"], args.ddim_cfg, True),
             ("ddpm", s["ddpm_steps"], args.ddpm_cfg, args.torch_ddpm),
             ("dpm++", s["dpm_steps"], args.ddim_cfg, False)]
-    sections = set(args.only.split(","))
-    report = {"benchmark": "sampling", "platform": platform, **common.environment(),
-              "config": {**s, "scan_blocks": bool(args.scan_blocks), "guidance": "released (3 channels)"},
-              "rows": [], "compile": []}
-    shared = ["--image-size", str(s["image_size"]), "--platform", platform, "--scan-blocks",
-              str(args.scan_blocks), *(["--attention", args.attention] if args.attention else [])]
-    tables = []
+    sections, tables = set(args.only.split(",")), []
+    report["compile"] = []
 
     def job(sampler, steps, cfg_scale):
         return ["--sampler", sampler, "--steps", str(steps), "--cfg-scale", str(cfg_scale)]
@@ -212,33 +197,25 @@ def main(argv=None) -> dict:
         for sampler, steps, cfg_scale, with_torch in jobs:
             sides = [("jax", ["--worker", "jax"])] + ([("torch", ["--worker", "torch"])] * with_torch)
             rows = common.compare(
-                SCRIPT, sides, [*shared, "--model", model, "--batch", str(batch), "--dtype", dtype,
-                                "--iters", str(s["iters"]), *job(sampler, steps, cfg_scale)],
+                SCRIPT, sides, [*shared, "--batch", str(batch), "--dtype", dtype, "--iters",
+                                str(s["iters"]), *job(sampler, steps, cfg_scale)],
                 platform=platform, images=batch, dtype=dtype, model=model, batch=batch,
                 flops=steps * common.forward_flops_per_image(model, s["image_size"]) * batch
                 * (2 if cfg_scale != 1.0 else 1), job=f"{sampler.upper()}-{steps} cfg {cfg_scale}")
             report["rows"] += [{**r, "ms_per_step": r["ms"] / steps} if "ms" in r else r for r in rows]
         tables.append(common.print_table(
             f"Sampling {model}, batch {batch}, {dtype}, "
-            f"{common.device_kind(report['rows'], platform)}", report["rows"],
-            [("job", "job", ""), ("variant", "implementation", ""), ("ms", "ms/run (median)", ".0f"),
-             ("ms_per_step", "ms/step", ".1f"), *common.THROUGHPUT_COLUMNS,
-             ("overhead_per_step_ms", "loop overhead ms/step", ".2f"),
-             ("overhead_pct", "overhead %", ".1f")]))
+            f"{common.device_kind(report['rows'], platform)}", report["rows"], common.row_columns(
+                "job", "ms/run (median)", ".0f", ("ms_per_step", "ms/step", ".1f"))
+            + [("overhead_per_step_ms", "loop overhead ms/step", ".2f"),
+               ("overhead_pct", "overhead %", ".1f")]))
 
     if "compile" in sections:
-        for sampler, steps, cfg_scale in (("ddim", 50, args.ddim_cfg), ("ddpm", 250, args.ddpm_cfg)):
-            row = common.run_worker(SCRIPT, [
-                "--worker", "jax", "--compile-only", *shared, "--model", s["compile_model"],
-                "--batch", str(s["compile_batch"]), "--dtype", "bfloat16",
-                *job(sampler, steps, cfg_scale)], platform=platform)
-            report["compile"].append({"model": s["compile_model"], **row,
-                                      "job": f"{sampler.upper()}-{steps} cfg {cfg_scale}",
-                                      "device_kind": common.device_kind([row], platform)})
-        tables.append(common.print_table(
-            f"Sampler compile time (lower + compile, abstract inputs), batch "
-            f"{s['compile_batch']}, bfloat16", report["compile"],
-            [("job", "job", ""), *common.COMPILE_COLUMNS]))
+        report["compile"], table = common.compile_section(SCRIPT, [
+            ({"job": f"{sampler.upper()}-{steps} cfg {cfg_scale}"}, job(sampler, steps, cfg_scale))
+            for sampler, steps, cfg_scale in (("ddim", 50, args.ddim_cfg), ("ddpm", 250, args.ddpm_cfg))
+        ], shared, s, platform, "Sampler", [("job", "job", "")])
+        tables.append(table)
 
     report["tables"] = tables
     common.write_report("sampling", report, args.json)

@@ -7,18 +7,15 @@ GPU the largest XL/2 batch that trains, with and without remat.
     python bench/bench_train.py --only memory            # just the largest-batch search (GPU)
     python bench/bench_train.py --tiny --json /tmp/train.json   # checks that it runs
 
-JAX: the library's step (`dit_jax.train.step.lower_train_step`, as the train loop builds it),
-with configs/dit.py's recipe (AdamW lr 1e-4, no weight decay, EMA 0.9999). PyTorch: diffusers'
-DiTTransformer2DModel with the official numerics, the same per-step draws (timesteps, noise, 10%
-label dropout) on the device, as "torch fast" (bf16 autocast on a GPU, SDPA, fused AdamW, foreach
-EMA) and "torch official" (train.py's: float32, TF32 on a GPU, AdamW, EMA loop). The throughput
-rows compare the steps on the ε-MSE objective (learn_sigma=False on both sides), which PyTorch
-writes in three lines: the official hybrid loss only adds element-wise work on the latents (the
-VB term), so the comparison needs no copy of it. The compile and memory sections build the
-library's full step (hybrid loss). Defaults: CPU DiT-S/2 and DiT-B/4, batch 8, float32, remat of
-the element-wise work; GPU DiT-XL/2, batch 32 (the official 256 over 8 GPUs), bfloat16 compute,
-float32 master weights, cuDNN flash attention, no remat. Layers scanned. Writes
-bench/results/train_<platform>.json and prints the tables.
+JAX: the library's step as train.py builds it (compiled by the planner,
+`dit_jax.plan.compile_train_step`), configs/dit.py's recipe (AdamW lr 1e-4, no weight decay, EMA
+0.9999). PyTorch: diffusers' DiTTransformer2DModel with the official numerics, the same per-step
+draws (timesteps, noise, 10% label dropout) on the device, as "torch fast" (bf16 autocast on a
+GPU, SDPA, fused AdamW, foreach EMA) and "torch official" (train.py's: float32, TF32 on a GPU,
+AdamW, EMA loop). Throughput compares the ε-MSE objective (learn_sigma=False on both sides): the
+official hybrid loss only adds element-wise work (the VB term). The compile and memory sections
+build the full step (hybrid loss). GPU batch 32 is the official 256 over 8 GPUs; float32 master
+weights, layers scanned. Writes bench/results/train_<platform>.json and prints the tables.
 """
 from __future__ import annotations
 
@@ -44,8 +41,10 @@ CPU_REMAT = "dots_with_no_batch_dims_saveable"
 
 def defaults(platform: str) -> dict:
     if platform == "gpu":
-        return dict(models=["DiT-XL/2"], batch=32, dtype="bfloat16", remat="none")
-    return dict(models=["DiT-S/2", "DiT-B/4"], batch=8, dtype="float32", remat=CPU_REMAT)
+        return dict(models=["DiT-XL/2"], batch=32, dtype="bfloat16", remat="none", iters=(3, 10),
+                    inner=5, compile_model="DiT-XL/2", compile_batch=32)
+    return dict(models=["DiT-S/2", "DiT-B/4"], batch=8, dtype="float32", remat=CPU_REMAT,
+                iters=(3, 10), inner=1, compile_model="DiT-XL/2", compile_batch=32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -53,46 +52,37 @@ def defaults(platform: str) -> dict:
 
 
 def _compile_step(args, *, batch: int, attention: str | None = None):
-    """The library's train step (`dit_jax.train.step.lower_train_step`, as the train loop builds
-    it) compiled for abstract inputs: (compiled, model config, mesh, tx, state shardings,
-    lower seconds, compile seconds). --mse: the ε-MSE objective (learn_sigma=False)."""
-    import jax
-    import jax.numpy as jnp
-
+    """The library's train step compiled for abstract inputs by the planner
+    (`dit_jax.plan.compile_train_step`: built as train.py builds it, configs/dit.py's recipe) on
+    this machine's devices: (compiled, model config, mesh, lower seconds, compile seconds).
+    --mse: the ε-MSE objective (learn_sigma=False)."""
     from configs import dit as dit_configs
-    from dit_jax.diffusion import create_diffusion
-    from dit_jax.models.dit import split_model
+    from dit_jax.plan import compile_train_step
     from dit_jax.sharding import make_mesh
-    from dit_jax.train.state import abstract_train_state, make_optimizer
-    from dit_jax.train.step import StepConfig, lower_train_step
 
-    cfg = common.model_config(args.model, args.image_size, dtype=getattr(jnp, args.dtype),
-                              attention_impl=attention or common.jax_attention(args),
-                              scan_blocks=args.scan_blocks, remat=args.remat, learn_sigma=not args.mse)
-    tx, schedule = make_optimizer(dit_configs.base_config().optim, total_steps=1_000_000)
+    config = dit_configs.get_config(args.model)
+    config.total_steps = 1_000_000
+    config.data.image_size = args.image_size
+    config.model.update(dtype=args.dtype, attention_impl=attention or common.jax_attention(args),
+                        scan_blocks=args.scan_blocks, remat=args.remat,
+                        learn_sigma=not args.mse)
     mesh = make_mesh()
-    graphdef, _, abstract_buffers = split_model(cfg)
-    with jax.set_mesh(mesh):
-        start = time.perf_counter()
-        lowered, shardings, _ = lower_train_step(
-            graphdef, create_diffusion("", learn_sigma=not args.mse), tx, schedule,
-            StepConfig(ema_decay=EMA_DECAY), mesh, abstract_state=abstract_train_state(cfg, tx),
-            buffers=abstract_buffers, global_batch=batch,
-            element_shape=(cfg.input_size, cfg.input_size, cfg.in_channels))
-        lower_s = time.perf_counter() - start
-        compiled = lowered.compile()
-    return compiled, cfg, mesh, tx, shardings, lower_s, time.perf_counter() - start - lower_s
+    compiled, cfg, seconds = compile_train_step(config, mesh, batch)
+    return compiled, cfg, mesh, compiled._plan_lower_seconds, seconds - compiled._plan_lower_seconds
 
 
-def _concrete_inputs(cfg, mesh, tx, shardings, batch, seed=0):
+def _concrete_inputs(cfg, mesh, batch, seed=0):
     import jax
     import jax.numpy as jnp
 
     from dit_jax.sharding import batch_sharding, model_buffers
-    from dit_jax.train.state import create_train_state
+    from dit_jax.train.state import create_train_state, make_optimizer
+    from configs import dit as dit_configs
+    tx, _ = make_optimizer(dit_configs.base_config().optim, total_steps=1_000_000)
     state = create_train_state(cfg, tx, mesh, seed=seed)
     # Random weights (the official init zeroes the adaLN and output layers); EMA a copy of them.
-    params = jax.jit(common.random_params, out_shardings=shardings.params)(state.params)
+    params = jax.jit(common.random_params, out_shardings=jax.tree.map(
+        lambda a: a.sharding, state.params))(state.params)
     state = state.replace(params=params, ema=jax.tree.map(jnp.copy, params))
     x = jax.random.normal(jax.random.key(seed + 1), (batch, cfg.input_size, cfg.input_size, 4))
     y = jax.random.randint(jax.random.key(seed + 2), (batch,), 0, 1000, jnp.int32)
@@ -103,31 +93,31 @@ def _concrete_inputs(cfg, mesh, tx, shardings, batch, seed=0):
 def jax_worker(args) -> dict:
     import jax
 
-    remat = {False: "", True: ", remat"}.get(args.remat, f", remat {args.remat}")
-    row = {"framework": "jax", "scan_blocks": args.scan_blocks, "remat": args.remat,
-           "variant": f"jax {args.dtype} ({'scan' if args.scan_blocks else 'unrolled'}{remat})"}
-    compiled, cfg, mesh, tx, shardings, lower_s, compile_s = common.with_cudnn_fallback(
-        lambda attention: _compile_step(args, batch=args.batch, attention=attention),
-        common.jax_attention(args), row)
+    from dit_jax.train.state import parse_remat
+    remat = parse_remat(args.remat)
+    suffix = {False: "", True: ", remat"}.get(remat, f", remat {remat}")
+    row = {"framework": "jax", "scan_blocks": args.scan_blocks, "remat": remat,
+           "variant": f"jax {args.dtype} ({'scan' if args.scan_blocks else 'unrolled'}{suffix})"}
+    compiled, cfg, mesh, lower_s, compile_s = common.with_cudnn_fallback(
+        lambda attention: _compile_step(args, batch=args.batch, attention=attention), args, row)
     row.update(model=args.model, batch=args.batch, lower_s=lower_s, compile_s=lower_s + compile_s)
     if args.compile_only:  # abstract inputs only: nothing allocated or run (XL/2 on any machine)
         return {**row, "compile_s": compile_s, "total_s": lower_s + compile_s, **common.jax_row()}
     with jax.set_mesh(mesh):
-        state, buffers, data = _concrete_inputs(cfg, mesh, tx, shardings, args.batch)
+        state, buffers, data = _concrete_inputs(cfg, mesh, args.batch)
         holder = [state]  # the state is donated: each step feeds the next
 
         def run():
             holder[0], metrics = compiled(holder[0], buffers, data)
             return metrics
 
-        timing = common.measure(run, jax.block_until_ready, warmup=args.warmup, iters=args.iters,
-                                inner=args.inner)
+        timing = common.measure(run, jax.block_until_ready, iters=args.iters, inner=args.inner)
         loss = float(jax.device_get(run()["loss"]))
     return {**row, "timing": timing, "loss": loss, **common.jax_row(compiled)}
 
 
 def memory_worker(args) -> dict:
-    """The largest batch (a multiple of --granularity) whose train step compiles and runs. XLA's
+    """The largest batch (a multiple of 8) whose train step compiles and runs. XLA's
     memory analysis of two small compiled steps gives the fixed cost (state, buffers) and the cost
     per image; the batch predicted to fill the device is then run, and the batch lowered by one
     granularity until a step runs (or raised while it does). Each probe builds a fresh state."""
@@ -135,7 +125,8 @@ def memory_worker(args) -> dict:
 
     import jax
 
-    gran, probes = args.granularity, []
+    from dit_jax.train.state import parse_remat
+    gran, max_probes, probes = 8, 8, []
     limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
     if limit is None:
         return {"error": "the device reports no memory limit (CPU?)"}
@@ -143,9 +134,9 @@ def memory_worker(args) -> dict:
     def fits(batch) -> bool:
         state = buffers = data = compiled = None
         try:
-            compiled, cfg, mesh, tx, shardings = _compile_step(args, batch=batch)[:5]
+            compiled, cfg, mesh = _compile_step(args, batch=batch)[:3]
             with jax.set_mesh(mesh):
-                state, buffers, data = _concrete_inputs(cfg, mesh, tx, shardings, batch)
+                state, buffers, data = _concrete_inputs(cfg, mesh, batch)
                 for _ in range(2):
                     state, metrics = compiled(state, buffers, data)
                 jax.block_until_ready(metrics)
@@ -168,13 +159,13 @@ def memory_worker(args) -> dict:
     predicted = max(gran, int((limit - fixed) / per_image) // gran * gran)
     batch = predicted
     if fits(batch):
-        while len(probes) < args.max_probes and fits(batch + gran):
+        while len(probes) < max_probes and fits(batch + gran):
             batch += gran
     else:
-        batch = next((b for b in range(predicted - gran, 0, -gran)[:args.max_probes - 1]
+        batch = next((b for b in range(predicted - gran, 0, -gran)[:max_probes - 1]
                       if fits(b)), None)
     return {"model": args.model, "dtype": args.dtype, "scan_blocks": args.scan_blocks,
-            "remat": args.remat, "largest_batch": batch, "predicted_batch": predicted,
+            "remat": parse_remat(args.remat), "largest_batch": batch, "predicted_batch": predicted,
             "smallest_failing_batch": min((q["batch"] for q in probes if not q["fits"]), default=None),
             "per_image_gb": per_image / 2**30, "fixed_gb": fixed / 2**30,
             "device_limit_gb": limit / 2**30, "probes": probes, **common.jax_row()}
@@ -190,8 +181,8 @@ def torch_worker(args) -> dict:
 
     from dit_jax.diffusion import create_diffusion
 
-    official, platform = args.variant == "official", args.platform
-    device = common.torch_setup(platform, tf32=official)
+    official = args.variant == "official"
+    device, sync = common.torch_setup(tf32=official)
     autocast = torch.bfloat16 if (args.dtype == "bfloat16" and not official) else None
     model = common.torch_dit(args.model, image_size=args.image_size, device=device,
                              learn_sigma=False)
@@ -230,10 +221,9 @@ def torch_worker(args) -> dict:
             update_ema()
         return loss
 
-    timing = common.measure(step, common.torch_sync(device), warmup=args.warmup,
-                            iters=args.iters, inner=args.inner)
+    timing = common.measure(step, sync, iters=args.iters, inner=args.inner)
     precision = ("bf16 autocast" if autocast else
-                 ("fp32+tf32" if official and platform == "gpu" else "fp32"))
+                 ("fp32+tf32" if official and device == "cuda" else "fp32"))
     return {"framework": "torch", "variant": f"torch {args.variant} ({precision})", "precision": precision,
             "attention": "sdpa", "optimizer": "AdamW" + ("" if official else " fused"),
             "ema": "python loop" if official else "foreach",
@@ -257,70 +247,46 @@ def main(argv=None) -> dict:
     p.add_argument("--no-official", action="store_true", help="skip the official-recipe variant")
     p.add_argument("--mse", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--variant", default="fast", help=argparse.SUPPRESS)
-    p.add_argument("--granularity", type=int, default=8, help=argparse.SUPPRESS)
-    p.add_argument("--max-probes", type=int, default=8, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.worker:
-        from dit_jax.train.state import parse_remat
-        args.remat = parse_remat(args.remat or "none")
-    if common.dispatch(args, {"jax": jax_worker, "torch": torch_worker, "memory": memory_worker}):
+    if not (started := common.begin(
+            p, argv, {"jax": jax_worker, "torch": torch_worker, "memory": memory_worker},
+            "train_step", defaults, objective="eps MSE (learn_sigma=False) on both sides",
+            ema_decay=EMA_DECAY, optimizer="AdamW lr 1e-4 (0.9, 0.999) wd 0")):
         return {}
-
-    platform = common.detect_platform()
-    s = common.settings(args, {**defaults(platform), "compile_model": "DiT-XL/2",
-                               "compile_batch": 32}, iters=(3, 10))
-    inner = 1 if platform == "cpu" else 5
-    sections = set(args.only.split(","))
-    report = {"benchmark": "train_step", "platform": platform, **common.environment(),
-              "config": {**s, "inner": inner, "scan_blocks": bool(args.scan_blocks),
-                         "objective": "eps MSE (learn_sigma=False) on both sides",
-                         "ema_decay": EMA_DECAY, "optimizer": "AdamW lr 1e-4 (0.9, 0.999) wd 0"},
-              "rows": [], "compile": [], "memory": []}
-    shared = ["--image-size", str(s["image_size"]), "--platform", platform,
-              *(["--attention", args.attention] if args.attention else [])]
-    tables = []
+    args, platform, s, report, shared = started
+    report.update(compile=[], memory=[])
+    sections, tables = set(args.only.split(",")), []
 
     if "throughput" in sections:
         base = [*shared, "--batch", str(s["batch"]), "--dtype", s["dtype"], "--iters",
-                str(s["iters"]), "--inner", str(inner), "--scan-blocks", str(args.scan_blocks),
-                "--remat", s["remat"]]
+                str(s["iters"]), "--inner", str(s["inner"]), "--remat", s["remat"]]
         sides = [("jax", ["--worker", "jax"]), ("torch fast", ["--worker", "torch"])]
         if not args.no_official:
             sides.append(("torch official", ["--worker", "torch", "--variant", "official"]))
         for model in s["models"]:
             flops = 3 * s["batch"] * common.forward_flops_per_image(model, s["image_size"],
                                                                     learn_sigma=False)
-            report["rows"] += common.compare(
-                SCRIPT, [(label, [*side, "--model", model]) for label, side in sides], base,
-                platform=platform, images=s["batch"], flops=flops, dtype=s["dtype"], model=model,
-                batch=s["batch"])
+            report["rows"] += common.compare(SCRIPT, sides, base, platform=platform,
+                                             images=s["batch"], flops=flops, dtype=s["dtype"],
+                                             model=model, batch=s["batch"])
         tables.append(common.print_table(
             f"Train step (ε-MSE), batch {s['batch']}, {s['dtype']}, "
-            f"{common.device_kind(report['rows'], platform)}", report["rows"],
-            [("model", "model", ""), ("variant", "implementation", ""),
-             ("ms", "ms/step (median)", ".1f"), ("min_ms", "ms (min)", ".1f"),
-             *common.THROUGHPUT_COLUMNS]))
+            f"{common.device_kind(report['rows'], platform)}", report["rows"], common.row_columns(
+                "model", "ms/step (median)", ".1f", ("min_ms", "ms (min)", ".1f"))))
 
     # The compile and memory sections build the library's full step (hybrid loss, --mse 0) in
     # the GPU configuration (bfloat16), whatever compiles it.
-    full = [*shared, "--model", s["compile_model"], "--mse", "0"]
+    full = [*shared, "--mse", "0"]
     if "compile" in sections:
-        for scan in ([1, 0] if args.compile_unrolled else [1]):
-            row = common.run_worker(SCRIPT, [
-                "--worker", "jax", "--compile-only", *full, "--batch", str(s["compile_batch"]),
-                "--dtype", "bfloat16", "--scan-blocks", str(scan), "--remat", "none"],
-                platform=platform)
-            report["compile"].append({"model": s["compile_model"], "scan_blocks": bool(scan), **row,
-                                      "device_kind": common.device_kind([row], platform)})
-        tables.append(common.print_table(
-            f"Train-step compile time (lower + compile, abstract inputs), batch "
-            f"{s['compile_batch']}, bfloat16", report["compile"], common.COMPILE_COLUMNS))
+        report["compile"], table = common.compile_section(SCRIPT, [
+            ({"scan_blocks": bool(scan)}, ["--mse", "0", "--scan-blocks", str(scan), "--remat", "none"])
+            for scan in ([1, 0] if args.compile_unrolled else [1])], shared, s, platform, "Train-step")
+        tables.append(table)
 
     if "memory" in sections and platform == "gpu":  # XLA:CPU has no memory limit to fill
         for remat in ("none", "full"):
             report["memory"].append({"remat": remat == "full", **common.run_worker(SCRIPT, [
-                "--worker", "memory", *full, "--dtype", s["dtype"], "--scan-blocks",
-                str(args.scan_blocks), "--remat", remat], platform=platform, mem_fraction=0.95)})
+                "--worker", "memory", *full, "--model", s["compile_model"], "--dtype", s["dtype"],
+                "--remat", remat], platform=platform, mem_fraction=0.95)})
         tables.append(common.print_table(
             f"Largest {s['compile_model']} batch that trains ({s['dtype']})", report["memory"],
             [("remat", "remat", ""), ("largest_batch", "largest batch", ""),

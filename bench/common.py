@@ -138,31 +138,36 @@ def parser(doc: str, workers: Sequence[str]) -> argparse.ArgumentParser:
     p.add_argument("--compile-batch", type=int, default=None, help="of the compile section")
     p.add_argument("--worker", choices=workers, help=argparse.SUPPRESS)
     p.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)
-    for flag, kind, default in (("--model", str, None), ("--platform", str, None),
-                                ("--warmup", int, 1), ("--inner", int, 1), ("--out", str, None)):
-        p.add_argument(flag, type=kind, default=default, help=argparse.SUPPRESS)
+    for flag, kind in (("--model", str), ("--inner", int), ("--out", str)):
+        p.add_argument(flag, type=kind, help=argparse.SUPPRESS)
     return p
 
 
-def settings(args, defaults: dict[str, Any], iters: tuple[int, int]) -> dict[str, Any]:
-    """The device's defaults, then --tiny's, then the flags given; `iters` = (quick, full)."""
-    d = {**defaults, "image_size": 256}
-    d.update({k: v for k, v in TINY.items() if args.tiny and k in d})
-    for key in d:
-        given = getattr(args, key, None)
+def begin(p: argparse.ArgumentParser, argv, workers: dict[str, Callable], benchmark: str,
+          defaults: Callable[[str], dict], **config):
+    """Parse the command line; in a worker (--worker NAME) run it, write its row and return None.
+    In the parent: (args, platform, settings, report, the worker flags every row shares).
+    Settings: the device's `defaults` (with "iters": (quick, full) windows), then --tiny's, then
+    the flags given."""
+    args = p.parse_args(argv)
+    if args.worker:
+        args.scan_blocks = bool(args.scan_blocks)
+        Path(args.out).write_text(json.dumps(workers[args.worker](args), indent=2, default=_jsonable))
+        return None
+    platform = detect_platform()
+    s = {**defaults(platform), "image_size": 256}
+    quick, full = s.pop("iters")
+    s.update({k: v for k, v in TINY.items() if args.tiny and k in s})
+    for key in s:
+        given = None if key == "inner" else getattr(args, key, None)
         if given is not None:
-            d[key] = given.split(",") if isinstance(d[key], list) else given
-    d["iters"] = args.iters or (1 if args.tiny else iters[0] if args.quick else iters[1])
-    return d
-
-
-def dispatch(args, workers: dict[str, Callable]) -> bool:
-    """In a worker process (--worker NAME): run it and write its row; False in the parent."""
-    if not args.worker:
-        return False
-    args.scan_blocks = bool(args.scan_blocks)
-    Path(args.out).write_text(json.dumps(workers[args.worker](args), indent=2, default=_jsonable))
-    return True
+            s[key] = given.split(",") if isinstance(s[key], list) else given
+    s["iters"] = args.iters or (1 if args.tiny else quick if args.quick else full)
+    report = {"benchmark": benchmark, "platform": platform, **environment(),
+              "config": {**s, "scan_blocks": bool(args.scan_blocks), **config}, "rows": []}
+    shared = ["--image-size", str(s["image_size"]), "--scan-blocks",
+              str(args.scan_blocks), *(["--attention", args.attention] if args.attention else [])]
+    return args, platform, s, report, shared
 
 
 def run_worker(script: Path, args: Sequence[str], *, platform: str,
@@ -182,16 +187,18 @@ def run_worker(script: Path, args: Sequence[str], *, platform: str,
 
 
 def compare(script: Path, sides: Sequence[tuple[str, list[str]]], base: list[str], *,
-            platform: str, images: int, flops: float, dtype: str, **fields) -> list[dict]:
-    """One worker per side (label, worker args), all given `base`; each row gets `fields`, its
-    throughput (`images` and model `flops` per timed call; MFU against the device's dense peak
-    for the row's precision, float32 meaning TF32 on NVIDIA GPUs; none on a CPU) and the first row's (JAX's) speedup over it."""
+            platform: str, images: int, flops: float, dtype: str, model: str, **fields
+            ) -> list[dict]:
+    """One worker per side (label, worker args) for `model`, all given `base`; each row gets
+    `fields`, its throughput (`images` and model `flops` per timed call; MFU against the device's
+    dense peak for the row's precision, float32 meaning TF32 on NVIDIA GPUs; none on a CPU) and
+    the first row's (JAX's) speedup over it."""
     from dit_jax.flops import peak_flops_per_device
     rows = []
     for label, side in sides:
-        row = run_worker(script, [*side, *base], platform=platform)
+        row = run_worker(script, [*side, *base, "--model", model], platform=platform)
         row.setdefault("variant", label)
-        row.update(fields, side=label, dtype=dtype)
+        row.update(fields, model=model, side=label, dtype=dtype)
         if "timing" in row:
             seconds, precision = row["timing"]["median_s"], row.get("precision", "")
             peak = None if precision == "fp32" else peak_flops_per_device(  # fp32: TF32 off
@@ -208,26 +215,40 @@ def compare(script: Path, sides: Sequence[tuple[str, list[str]]], base: list[str
     return rows
 
 
-def model_config(name: str, image_size: int = 256, **overrides):
-    from dit_jax.models.dit import DIT_CONFIGS, DiTConfig
-    return DiTConfig(input_size=image_size // 8, **DIT_CONFIGS[name], **overrides)
+def compile_section(script: Path, jobs: Sequence[tuple[dict, list[str]]], shared: list[str], s,
+                    platform: str, what: str, columns=()) -> tuple[list[dict], str]:
+    """The compile-time rows: per job (fields, worker flags) a --compile-only JAX worker of the
+    compile model and batch in bfloat16 (abstract inputs: nothing allocated or run, so XL/2
+    compiles on any machine); returns the rows and their table."""
+    rows = []
+    for fields, flags in jobs:
+        row = run_worker(script, ["--worker", "jax", "--compile-only", *shared, "--model",
+                                  s["compile_model"], "--batch", str(s["compile_batch"]),
+                                  "--dtype", "bfloat16", *flags], platform=platform)
+        rows.append({"model": s["compile_model"], **row, **fields,
+                     "device_kind": device_kind([row], platform)})
+    return rows, print_table(f"{what} compile time (lower + compile, abstract inputs), batch "
+                             f"{s['compile_batch']}, bfloat16", rows, [*columns, *COMPILE_COLUMNS])
 
 
 def forward_flops_per_image(name: str, image_size: int = 256, **overrides) -> float:
     """2 × the paper's multiply-accumulates (dit_jax/flops.py)."""
     from dit_jax.flops import forward_macs
-    return 2.0 * forward_macs(model_config(name, image_size, **overrides))
+    from dit_jax.models.dit import DIT_CONFIGS, DiTConfig
+    return 2.0 * forward_macs(DiTConfig(input_size=image_size // 8, **DIT_CONFIGS[name],
+                                        **overrides))
 
 
 # ----------------------------------------------------------------------------------------------
 # Timing and memory
 
 
-def measure(run: Callable[[], Any], sync: Callable[[Any], Any], *, warmup: int, iters: int,
-            inner: int = 1) -> dict[str, float]:
+def measure(run: Callable[[], Any], sync: Callable[[Any], Any], *, iters: int,
+            inner: int | None = 1, warmup: int = 1) -> dict[str, float]:
     """Seconds per call of `run` after `warmup` calls: `iters` windows of `inner` calls, one
     synchronisation per window (on a GPU the host queues ahead, as in a real loop). Median and
     minimum over windows (noise only ever adds time)."""
+    inner = inner or 1
     for _ in range(warmup):
         sync(run())
     times = []
@@ -285,16 +306,16 @@ def torch_dit(name: str, *, image_size: int = 256, device: str = "cpu", seed: in
     return model.eval().to(device)
 
 
-def torch_setup(platform: str, *, tf32: bool = False) -> str:
+def torch_setup(*, tf32: bool = False) -> tuple[str, Callable[[Any], None]]:
     """Threads = cores on a CPU (PyTorch's default may be fewer); TF32 matmuls on a GPU only when
-    asked (the official train.py turns them on). Returns the torch device."""
+    asked (the official train.py turns them on). Returns the torch device and its `sync`."""
     import torch
-    if platform == "gpu":
+    if detect_platform() == "gpu":
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.backends.cudnn.allow_tf32 = tf32
-        return "cuda"
+        return "cuda", lambda _: torch.cuda.synchronize()
     torch.set_num_threads(os.cpu_count() or 1)
-    return "cpu"
+    return "cpu", lambda _: None
 
 
 def torch_inputs(batch: int, image_size: int, device: str, dtype=None):
@@ -305,11 +326,6 @@ def torch_inputs(batch: int, image_size: int, device: str, dtype=None):
     x = torch.randn(batch, 4, side, side, generator=generator).to(device, dtype)
     t, y = (torch.randint(0, 1000, (batch,), generator=generator).to(device) for _ in range(2))
     return x, t, y
-
-
-def torch_sync(device: str) -> Callable[[Any], None]:
-    import torch
-    return (lambda _: torch.cuda.synchronize()) if device == "cuda" else (lambda _: None)
 
 
 def torch_row(device: str) -> dict[str, Any]:
@@ -371,10 +387,10 @@ def jax_attention(args) -> str:
     return args.attention or ("cudnn" if jax.default_backend() == "gpu" else "xla")
 
 
-def with_cudnn_fallback(build: Callable[[str], Any], attention: str, row: dict[str, Any]):
-    """build(attention), or build("xla") when cuDNN cannot compile it (a shape it rejects, a
-    missing library); the fallback is recorded in `row`."""
-    row["attention"] = attention
+def with_cudnn_fallback(build: Callable[[str], Any], args, row: dict[str, Any]):
+    """build(the attention of `args`), or build("xla") when cuDNN cannot compile it (a shape it
+    rejects, a missing library); the fallback is recorded in `row`."""
+    row["attention"] = attention = jax_attention(args)
     try:
         return build(attention)
     except Exception as error:  # noqa: BLE001
@@ -396,6 +412,13 @@ COMPILE_COLUMNS = [("model", "model", ""), ("device_kind", "compiled on", ""),
                    ("scan_blocks", "scan", ""), ("attention", "attention", ""),
                    ("lower_s", "lower s", ".1f"), ("compile_s", "compile s", ".1f"),
                    ("total_s", "total s", ".1f")]
+
+
+def row_columns(label: str, ms_header: str, ms_spec: str, *extra) -> list[tuple[str, str, str]]:
+    """The columns of a throughput table: the row's `label` key, its implementation, the median
+    time (`ms_header`), `extra` columns, then THROUGHPUT_COLUMNS."""
+    return [(label, label, ""), ("variant", "implementation", ""), ("ms", ms_header, ms_spec),
+            *extra, *THROUGHPUT_COLUMNS]
 
 
 def device_kind(rows: Sequence[dict], platform: str) -> str:

@@ -25,9 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = {"forward": "bench_forward.py", "train": "bench_train.py",
-           "sampling": "bench_sampling.py", "data": "bench_data.py"}
-RESULT_NAMES = {"forward": "forward", "train": "train", "sampling": "sampling", "data": "bench_data"}
+SCRIPTS = ("forward", "train", "sampling", "data")  # bench_<job>.py
 
 
 def main(argv=None):
@@ -51,10 +49,10 @@ def main(argv=None):
             flags.append("--compile-unrolled")
         if job == "data" and args.quick:
             flags += ["--images", "96", "--windows", "2"]
-        json_path = results / f"{RESULT_NAMES[job]}_{'cpu' if job == 'data' else platform}.json"
-        print(f"\n=== {job}: {SCRIPTS[job]} {' '.join(flags)}", flush=True)
+        json_path = results / ("bench_data_cpu.json" if job == "data" else f"{job}_{platform}.json")
+        print(f"\n=== {job}: bench_{job}.py {' '.join(flags)}", flush=True)
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, str(HERE / SCRIPTS[job]), *flags, "--json",
+        proc = subprocess.run([sys.executable, str(HERE / f"bench_{job}.py"), *flags, "--json",
                                str(json_path)], env=common.worker_env(platform), cwd=common.ROOT)
         timings[job] = {"seconds": time.perf_counter() - start, "returncode": proc.returncode}
 

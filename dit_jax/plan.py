@@ -233,6 +233,7 @@ def compile_train_step(config, mesh, global_batch: int):
                 graphdef, make_objective(config, model_cfg), tx, schedule, step_config, mesh,
                 abstract_state=abstract_train_state(model_cfg, tx), buffers=abstract_buffers,
                 element_shape=(side, side, channels), global_batch=global_batch)
+            lower_seconds = time.perf_counter() - start
             compiled = lowered.compile()
         except RuntimeError as err:
             if "cuDNN" not in str(err):
@@ -245,6 +246,7 @@ def compile_train_step(config, mesh, global_batch: int):
         # CPU time of all of this process's threads: what the compile costs on an idle machine
         # (the wall time above also counts other programs sharing the cores).
         compiled._plan_cpu_seconds = time.process_time() - start_cpu
+        compiled._plan_lower_seconds = lower_seconds  # of `seconds`: tracing and lowering
     return compiled, model_cfg, seconds
 
 
