@@ -7,13 +7,13 @@ of the XL/2 samplers; the per-step loop overhead of the compiled samplers.
     python bench/bench_sampling.py --model DiT-S/2 --batch 4 --ddim-steps 10 --quick
     python bench/bench_sampling.py --tiny --json /tmp/sampling.json   # checks that it runs
 
-GPU defaults: DDIM-50, guidance 4.0, DDPM-250, guidance 1.5 (the paper's FID protocol; in
-PyTorch only with --torch-ddpm) and DPM-Solver++-20 (JAX only), DiT-XL/2, batch 64, bfloat16; the released guidance (2N rows per
-step, channels 0..2 guided). JAX: the whole run one jitted lax.scan, cuDNN flash attention (XLA's
-if cuDNN fails). PyTorch: SDPA, a Python loop over diffusers' scheduler steps. On a CPU the same
-jobs run small (DiT-S/2, batch 4, 10 steps, float32). Loop overhead: per-step time of a whole
-run minus one jitted call of the same guided model (minima over windows); it can come out
-slightly negative, as XLA fuses the update into the model's last ops inside the loop.
+Jobs: DDIM guidance 4.0, DDPM guidance 1.5 (the paper's FID protocol; in PyTorch only with
+--torch-ddpm), DPM-Solver++ (JAX only), with the released guidance (2N rows per step, channels
+0..2 guided); GPU: XL/2, batch 64, bfloat16, 50/250/20 steps; CPU: small (defaults() below).
+JAX: the whole run one jitted lax.scan, cuDNN flash attention (XLA's if cuDNN fails). PyTorch:
+SDPA, a Python loop over diffusers' scheduler steps. Loop overhead: per-step time of a whole run
+minus one jitted call of the same guided model (minima over windows); it can come out slightly
+negative, as XLA fuses the update into the model's last ops inside the loop.
 Writes bench/results/sampling_<platform>.json and prints the tables.
 """
 from __future__ import annotations

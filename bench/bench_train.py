@@ -275,18 +275,19 @@ def main(argv=None) -> dict:
 
     # The compile and memory sections build the library's full step (hybrid loss, --mse 0) in
     # the GPU configuration (bfloat16), whatever compiles it.
-    full = [*shared, "--mse", "0"]
     if "compile" in sections:
         report["compile"], table = common.compile_section(SCRIPT, [
-            ({"scan_blocks": bool(scan)}, ["--mse", "0", "--scan-blocks", str(scan), "--remat", "none"])
-            for scan in ([1, 0] if args.compile_unrolled else [1])], shared, s, platform, "Train-step")
+            ({"scan_blocks": bool(scan)}, ["--mse", "0", "--scan-blocks", str(scan), "--remat",
+                                           "none"])
+            for scan in ([1, 0] if args.compile_unrolled else [1])], shared, s, platform,
+            "Train-step")
         tables.append(table)
 
     if "memory" in sections and platform == "gpu":  # XLA:CPU has no memory limit to fill
         for remat in ("none", "full"):
             report["memory"].append({"remat": remat == "full", **common.run_worker(SCRIPT, [
-                "--worker", "memory", *full, "--model", s["compile_model"], "--dtype", s["dtype"],
-                "--remat", remat], platform=platform, mem_fraction=0.95)})
+                "--worker", "memory", *shared, "--mse", "0", "--model", s["compile_model"],
+                "--dtype", s["dtype"], "--remat", remat], platform=platform, mem_fraction=0.95)})
         tables.append(common.print_table(
             f"Largest {s['compile_model']} batch that trains ({s['dtype']})", report["memory"],
             [("remat", "remat", ""), ("largest_batch", "largest batch", ""),

@@ -152,7 +152,8 @@ def begin(p: argparse.ArgumentParser, argv, workers: dict[str, Callable], benchm
     args = p.parse_args(argv)
     if args.worker:
         args.scan_blocks = bool(args.scan_blocks)
-        Path(args.out).write_text(json.dumps(workers[args.worker](args), indent=2, default=_jsonable))
+        row = workers[args.worker](args)
+        Path(args.out).write_text(json.dumps(row, indent=2, default=_jsonable))
         return None
     platform = detect_platform()
     s = {**defaults(platform), "image_size": 256}

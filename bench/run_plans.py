@@ -60,31 +60,25 @@ def _estimate(p, unit):
 
 
 def table():
-    rows = ["| plan | target | mesh data×fsdp | blocks | batch | peak / device | fits | largest "
-            "batch | compile s (wall / CPU) | compute-bound img/s | collectives ms |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name in ROWS:
-        path = OUT / f"{name}.json"
+    header = ["plan", "target", "mesh data×fsdp", "blocks", "batch", "peak / device", "fits",
+              "largest batch", "compile s (wall / CPU)", "compute-bound img/s", "collectives ms"]
+    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for path in (OUT / f"{name}.json" for name in ROWS):
         if not path.exists():
             continue
         p = json.loads(path.read_text())
-        unit = p["mesh"]["data"] * p["mesh"]["fsdp"]
-        if p.get("max_global_batch") is None:
-            largest = "–"
-        elif p.get("max_global_batch_confirmed"):
-            largest = str(p["max_global_batch"])
-        else:
-            largest = (f"≥ {p['max_global_batch']}, ~"
-                       f"{p.get('max_global_batch_estimate') or _estimate(p, unit)}")
-        rows.append(
-            f"| {p['model']} {p['image_size']} px | {p['target']} | {p['mesh']['data']}×"
-            f"{p['mesh']['fsdp']} | {'scanned' if p['scan_blocks'] else 'plain'} | "
-            f"{p['global_batch']} | "
-            f"{p['peak_bytes_per_device'] / 2**30:.2f} of {p['memory_bytes_per_device'] / 2**30:.0f} GiB"
-            f" | {'yes' if p['fits'] else 'no'} | {largest} | {p['compile_seconds']:.0f} / "
-            f"{p.get('compile_cpu_seconds') or 0:.0f} | "
-            f"{p['compute_bound_images_per_second']:.0f} | "
-            f"{p['collective_seconds_bandwidth_bound'] * 1e3:.1f} |")
+        unit, largest = p["mesh"]["data"] * p["mesh"]["fsdp"], p.get("max_global_batch")
+        if largest is not None and not p.get("max_global_batch_confirmed"):
+            largest = f"≥ {largest}, ~{p.get('max_global_batch_estimate') or _estimate(p, unit)}"
+        rows.append("| " + " | ".join(map(str, [
+            f"{p['model']} {p['image_size']} px", p["target"],
+            f"{p['mesh']['data']}×{p['mesh']['fsdp']}", "scanned" if p["scan_blocks"] else "plain",
+            p["global_batch"], f"{p['peak_bytes_per_device'] / 2**30:.2f} of "
+            f"{p['memory_bytes_per_device'] / 2**30:.0f} GiB", "yes" if p["fits"] else "no",
+            "–" if largest is None else largest,
+            f"{p['compile_seconds']:.0f} / {p.get('compile_cpu_seconds') or 0:.0f}",
+            f"{p['compute_bound_images_per_second']:.0f}",
+            f"{p['collective_seconds_bandwidth_bound'] * 1e3:.1f}"])) + " |")
     return "\n".join(rows)
 
 
