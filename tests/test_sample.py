@@ -226,6 +226,9 @@ def test_cli_takes_a_train_workdirs_own_settings(tmp_path, monkeypatch):
     config.sample_every, config.log_every = 0, 1
     config.model.hidden_size, config.model.depth, config.model.num_heads = 32, 1, 2
     config.data.image_size, config.diffusion.diffusion_steps = 16, 500
+    # A v-prediction model one step from its (zero) init still draws x̂0 = √ᾱ·x_t, not a blank:
+    # what the grid check below needs; and the prediction must come from the workdir too.
+    config.diffusion.prediction = "velocity"
     workdir = tmp_path / "run"
     train(config, workdir)
 
@@ -235,8 +238,8 @@ def test_cli_takes_a_train_workdirs_own_settings(tmp_path, monkeypatch):
     assert grid.dtype == np.uint8 and grid.shape == (2 + 18, 2 + 2 * 18, 3)  # 16 px + padding
     assert len(np.unique(grid)) > 8  # drawn, not blank
     request = sample_script.request_from_flags()
-    assert (request.vae, request.image_size, request.clip_denoised, request.diffusion_steps) == (
-        "none", 16, True, 500)
+    assert (request.vae, request.image_size, request.clip_denoised, request.diffusion_steps,
+            request.prediction) == ("none", 16, True, 500, "velocity")
 
     # Flags given explicitly win over the workdir's settings.
     flags.FLAGS.unparse_flags()
