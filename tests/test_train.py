@@ -590,7 +590,7 @@ def test_shortened_demo_draws_the_requested_shapes(tmp_path):
 DEMO_SHAPE_ACCURACY = 0.75
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_demo_learns_and_draws_the_requested_classes(tmp_path):
     """The README's main job: configs/demo.py on CPU, as is."""
     proc = subprocess.run(train_cmd(tmp_path / "demo"), cwd=ROOT, env=child_env(1),

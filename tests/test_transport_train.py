@@ -42,7 +42,7 @@ def test_transport_objective_trains_and_draws_grids(tmp_path):
                              out=str(tmp_path / "bad")))
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_transport_demo_draws_the_requested_classes(tmp_path):
     """configs/demo.py with SiT's objective (about as long as the diffusion demo): the grids of
     the ODE sampler show the requested classes."""
