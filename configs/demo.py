@@ -13,11 +13,12 @@ warmup and cosine decay; a short EMA horizon; x̂0 clipped to the pixel range wh
 Every sample grid is judged by `dit_jax.data` (shape_accuracy: the requested shape;
 shape_score: that and clean edges, colour and background), both logged.
 
-2400 steps with EMA 0.995 (about 270 s of CPU, under 3 minutes on 2 quiet cores): 98% of 64
-guided samples show the requested shape (94% at 1200 steps with EMA 0.99), with straighter edges.
-The strict shape_score is still 0: outlines stay speckled, with faint seams on the 4×4 patch
-grid (template fit median 0.76, best 0.87, where it needs 0.9). Patch 2 (256 tokens) at 1200
-steps costs 2.5× as much and fits no better; min-SNR-5 weighting loses shapes and colours.
+4800 steps with EMA 0.995 (about 510 s of CPU, about 4.5 minutes on 2 quiet cores): all of 64
+guided samples show the requested shape (94% at 1200 steps with EMA 0.99), crisp triangles and
+diamonds, squares and circles a little ragged. The strict shape_score is still 0: outlines and
+interiors keep some speckle and faint seams on the 4×4 patch grid (template fit median 0.83,
+best 0.88, where it needs 0.9). Patch 2 (256 tokens) at 1200 steps costs more than 2400 patch-4
+steps and fits no better; min-SNR-5 weighting loses shapes and colours.
 docs/small_data.md has the measurements.
 """
 
@@ -28,11 +29,11 @@ from configs.dit import base_config
 
 def get_config() -> ml_collections.ConfigDict:
     c = base_config()
-    c.total_steps = 2400
+    c.total_steps = 4800
     c.global_batch_size = 16
     c.log_every = 50
-    c.checkpoint_every = 800
-    c.sample_every = 1200
+    c.checkpoint_every = 1200
+    c.sample_every = 2400
 
     c.model.name = ""
     c.model.hidden_size = 96
@@ -49,7 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.lr = 3e-3
     c.optim.warmup_steps = 50
     c.optim.schedule = "cosine"
-    c.optim.ema_decay = 0.995  # a short run needs a short EMA horizon (~200 steps)
+    c.optim.ema_decay = 0.995  # a short run needs a short EMA horizon (~200 steps of 4800)
 
     c.data.source = "builtin"
     c.data.image_size = 32
