@@ -24,41 +24,19 @@ docs/small_data.md has the measurements.
 
 import ml_collections
 
-from configs.dit import base_config
+from configs.small import pixel_recipe
 
 
 def get_config() -> ml_collections.ConfigDict:
-    c = base_config()
+    c = pixel_recipe()
     c.total_steps = 4800
-    c.global_batch_size = 16
-    c.log_every = 50
     c.checkpoint_every = 1200
     c.sample_every = 2400
-
-    c.model.name = ""
-    c.model.hidden_size = 96
-    c.model.depth = 3
-    c.model.num_heads = 4
-    c.model.patch_size = 4
-    c.model.learn_sigma = False
-    c.model.dtype = "float32"  # bfloat16 matmuls are slow on most CPUs
-    c.model.scan_blocks = False  # three blocks compile fast unscanned; one Param per block
-
-    c.diffusion.noise_schedule = "squaredcos_cap_v2"
-    c.diffusion.prediction = "start_x"
-
-    c.optim.lr = 3e-3
-    c.optim.warmup_steps = 50
-    c.optim.schedule = "cosine"
     c.optim.ema_decay = 0.995  # a short run needs a short EMA horizon (~200 steps of 4800)
 
     c.data.source = "builtin"
-    c.data.image_size = 32
-    c.vae = "none"
 
     c.sample.num_images = 16
     c.sample.cfg_scale = 4.0
-    c.sample.sampler = "ddim"
     c.sample.steps = 25
-    c.sample.clip_denoised = True  # pixels live in [-1, 1]
     return c
