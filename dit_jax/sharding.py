@@ -50,10 +50,6 @@ LOGICAL_AXIS_RULES: dict[str, Any] = {
     "patch_out": None,
 }
 
-# Logical names of the attention operands (batch, tokens, heads, head_dim).
-ATTENTION_AXES = ("batch", None, "heads", None)
-
-
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A (data, fsdp, tensor) mesh over `devices` (default: every device of every host) with Auto
@@ -226,15 +222,24 @@ def model_buffers(cfg: DiTConfig, mesh: Mesh) -> nnx.State:
                    out_shardings=shardings)()
 
 
+def activation_spec(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh | None = None,
+                    rules: dict[str, Any] = LOGICAL_AXIS_RULES) -> P:
+    """PartitionSpec of an activation the model annotates with logical axis names, on `mesh`
+    (default: the mesh being traced for). The model's `constrain` and its splash kernel ask
+    this, through the hook installed below."""
+    mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
+    return logical_to_mesh_spec(logical, shape, mesh, rules)
+
+
 def attention_spec(shape: Sequence[int], mesh: Mesh | None = None,
                    rules: dict[str, Any] = LOGICAL_AXIS_RULES) -> P:
     """PartitionSpec of the (batch, tokens, heads, head_dim) operands and output of a kernel that
-    XLA cannot partition (splash attention), on `mesh` (default: the mesh being traced for):
-    examples split like the batch, heads like the attention's tensor-parallel columns. The
-    kernel runs inside `jax.shard_map` with this spec for its inputs and its output."""
-    mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
-    return logical_to_mesh_spec(ATTENTION_AXES, shape, mesh, rules)
+    XLA cannot partition (splash attention): examples split like the batch, heads like the
+    attention's tensor-parallel columns. The kernel runs inside `jax.shard_map` with this spec
+    for its inputs and its output."""
+    return activation_spec(_dit.ATTENTION_AXES, shape, mesh, rules)
 
 
-# The model runs splash attention under shard_map with this spec (see dit_jax.models.dit).
-_dit.set_attention_partitioning(attention_spec)
+# The model lays out its activation constraints and its splash kernel's operands with this (see
+# dit_jax.models.dit).
+_dit.set_partitioning(activation_spec)

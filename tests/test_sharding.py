@@ -33,7 +33,7 @@ def test_logical_rules_and_indivisible_dims():
     assert sharding.logical_to_mesh_spec(None, (3,), mesh) == P()
 
 
-@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 4, 1), (1, 4, 2)])
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 4, 1), (1, 4, 2), (2, 2, 2)])
 def test_sharded_forward_equals_single_device(shape):
     cfg = dit.DiTConfig(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=4,
                         num_classes=10)

@@ -284,16 +284,36 @@ def dot_product_attention(q, k, v, implementation: str = "xla"):
     return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
 
 
-# How the splash kernel's (batch, tokens, heads, head_dim) operands are split over the mesh being
-# traced for, as a function (shape) -> PartitionSpec. A layout decision, so it belongs to
-# dit_jax.sharding, which installs it here when imported (`set_attention_partitioning`): this
-# file stays free of mesh axes, and every program that builds a mesh with dit_jax has it.
-_attention_partitioning = None
+# Logical axis names of activations: (batch, tokens, width) token states, (batch, width)
+# conditioning vectors, and the (batch, tokens, heads, head_dim) operands of attention.
+TOKENS_AXES = ("batch", None, None)
+VECTOR_AXES = ("batch", None)
+ATTENTION_AXES = ("batch", None, "heads", None)
+
+# How arrays are laid out over the mesh being traced for, as a function (logical axis names,
+# shape) -> PartitionSpec. A layout decision, so it belongs to dit_jax.sharding, which installs it
+# here when imported (`set_partitioning`): this file stays free of mesh axes, and every program
+# that builds a mesh with dit_jax has it. Used for the splash kernel's operands and for the
+# activation constraints of `constrain`.
+_partitioning = None
 
 
-def set_attention_partitioning(spec_fn) -> None:
-    global _attention_partitioning
-    _attention_partitioning = spec_fn
+def set_partitioning(spec_fn) -> None:
+    global _partitioning
+    _partitioning = spec_fn
+
+
+def constrain(x, names):
+    """`x` laid out as its logical axis `names` say on the mesh being traced for; unchanged off a
+    multi-device mesh. The blocks pin their branch outputs and modulations to the batch layout:
+    besides being the layout tensor parallelism wants there, it keeps XLA's SPMD partitioner
+    from a wrong-result bug (jax 0.10–0.12): on a mesh with data, fsdp and tensor all > 1, a
+    product like gate[:, None] · proj(attention), left to sharding propagation, came out wrong
+    by up to 70% of its magnitude (docs/numerics.md, "Sharded activations")."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if _partitioning is None or mesh.empty or mesh.size == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, _partitioning(names, x.shape))
 
 
 def splash_attention(q, k, v, *, interpret: bool | None = None):
@@ -314,10 +334,10 @@ def splash_attention(q, k, v, *, interpret: bool | None = None):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return _splash_local(q, k, v, interpret=interpret)
-    if _attention_partitioning is None:
+    if _partitioning is None:
         raise RuntimeError("splash attention under a mesh needs its partitioning: import "
                            "dit_jax.sharding (which installs it) before tracing the model")
-    spec = _attention_partitioning(q.shape)
+    spec = _partitioning(ATTENTION_AXES, q.shape)
     # check_vma=False: the kernel's pallas_call does not declare how its outputs vary over the
     # mesh axes; each shard is an independent set of examples and heads, so nothing is reduced.
     return jax.shard_map(partial(_splash_local, interpret=interpret), mesh=mesh,
@@ -371,12 +391,15 @@ class DiTBlock(nnx.Module):
                                         kernel_init=nnx.initializers.zeros_init())
 
     def __call__(self, x, c):
+        modulation = constrain(self.adaLN_modulation(nnx.silu(c)), VECTOR_AXES)  # (N, 6D)
         (shift_msa, scale_msa, gate_msa,
-         shift_mlp, scale_mlp, gate_mlp) = jnp.split(self.adaLN_modulation(nnx.silu(c)), 6, axis=-1)
+         shift_mlp, scale_mlp, gate_mlp) = jnp.split(modulation, 6, axis=-1)
         h = modulate(layer_norm(x, NORM_EPS), shift_msa, scale_msa)
-        x = x + gate_msa[:, None] * self.attn(h.astype(self.dtype)).astype(jnp.float32)
+        attn = constrain(self.attn(h.astype(self.dtype)), TOKENS_AXES)
+        x = x + gate_msa[:, None] * attn.astype(jnp.float32)
         h = modulate(layer_norm(x, self.mlp_norm_eps), shift_mlp, scale_mlp)
-        return x + gate_mlp[:, None] * self.mlp(h.astype(self.dtype)).astype(jnp.float32)
+        mlp = constrain(self.mlp(h.astype(self.dtype)), TOKENS_AXES)
+        return x + gate_mlp[:, None] * mlp.astype(jnp.float32)
 
 
 class FinalLayer(nnx.Module):
@@ -388,7 +411,8 @@ class FinalLayer(nnx.Module):
                               names=("embed", "patch_out"), kernel_init=zeros)
 
     def __call__(self, x, c):
-        shift, scale = jnp.split(self.adaLN_modulation(nnx.silu(c)), 2, axis=-1)
+        modulation = constrain(self.adaLN_modulation(nnx.silu(c)), VECTOR_AXES)  # (N, 2D)
+        shift, scale = jnp.split(modulation, 2, axis=-1)
         return self.linear(modulate(layer_norm(x, NORM_EPS), shift, scale))
 
 
