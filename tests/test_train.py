@@ -85,9 +85,9 @@ def initial_state():
 
 
 def run_steps(initial, mesh_shape, *, accum_steps=1, steps=2):
-    """Losses and final state of `steps` updates of TINY on a (data, fsdp) mesh."""
-    data, fsdp = mesh_shape
-    mesh = make_mesh(data, fsdp, 1, devices=jax.devices()[:data * fsdp])
+    """Losses and final state of `steps` updates of TINY on a (data, fsdp[, tensor]) mesh."""
+    data, fsdp, tensor = (*mesh_shape, 1)[:3]
+    mesh = make_mesh(data, fsdp, tensor, devices=jax.devices()[:data * fsdp * tensor])
     tx, schedule = tiny_optimizer()
     batch = BuiltinShapes(image_size=16).get_batch(np.arange(16))
     with jax.set_mesh(mesh):
@@ -118,7 +118,7 @@ def assert_same_params(a, b):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("mesh_shape", [(8, 1), (2, 4), (1, 8)])
+@pytest.mark.parametrize("mesh_shape", [(8, 1), (2, 4), (1, 8), (2, 2, 2)])
 def test_sharded_step_matches_single_device(initial_state, single_device, mesh_shape):
     out = run_steps(initial_state, mesh_shape)
     np.testing.assert_allclose(out["losses"], single_device["losses"], rtol=1e-5)
@@ -126,7 +126,8 @@ def test_sharded_step_matches_single_device(initial_state, single_device, mesh_s
     assert_same_params(out["state"].params, single_device["state"].params)
     assert_same_params(out["state"].ema, single_device["state"].ema)
     kernel = out["state"].params["blocks"][0]["mlp"]["fc1"]["kernel"]
-    expected = jax.sharding.PartitionSpec("fsdp", None) if mesh_shape[1] > 1 else jax.sharding.PartitionSpec(None, None)
+    expected = jax.sharding.PartitionSpec("fsdp" if mesh_shape[1] > 1 else None,
+                                          "tensor" if mesh_shape[2:] and mesh_shape[2] > 1 else None)
     assert kernel.sharding.spec == expected  # weights (and Adam moments) really are split
     # opt_state is (clip, (adam, decay, lr))
     mu = out["state"].opt_state[1][0].mu["blocks"][0]["mlp"]["fc1"]["kernel"]
