@@ -99,7 +99,8 @@ class T5EncoderConfig:
     def from_hf(cls, config: Mapping[str, Any], **overrides) -> "T5EncoderConfig":
         """From a transformers T5Config dict (a config.json); `overrides` set dtype,
         param_dtype, remat."""
-        fields = {k: config[k] for k in HF_FIELDS if k in config}
+        # transformers' default where a (pre-v1.1) config.json leaves it out: the original T5.
+        fields = {"feed_forward_proj": "relu", **{k: config[k] for k in HF_FIELDS if k in config}}
         for key in ("vocab_size", "d_model", "num_layers", "num_heads", "d_kv", "d_ff"):
             if key not in fields:
                 raise ValueError(f"the T5 config has no {key!r} (keys: {sorted(config)})")

@@ -139,8 +139,14 @@ def _torch_tensors(path: Path) -> dict[str, _Tensor]:
         raise ImportError(f"{path} is a PyTorch pickle and needs torch to read: install torch, "
                           f"or convert it to safetensors") from e
     try:
-        # mmap: tensors stay in the file until a slice of them is read.
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            # mmap: tensors stay in the file until a slice of them is read.
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            # The legacy (pre-zip) format cannot be memory-mapped: read it whole.
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"{path} is not a readable PyTorch state_dict (loaded with "
                          f"weights_only=True): {e}") from e
