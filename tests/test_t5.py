@@ -129,6 +129,8 @@ def test_encoder_matches_transformers_with_padding(feed_forward_proj, gated, tor
     # The padding does matter: without the mask the padded rows' neighbours change.
     unmasked = np.asarray(encode(inputs[0]))
     assert np.abs(unmasked[1, :12] - want[1, :12]).max() > 1e-3
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 100\)"):
+        encode(inputs[0] + 100)
 
 
 def _leaves(encoder):

@@ -277,6 +277,8 @@ class T5Encoder(nnx.Module):
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, length), got shape {input_ids.shape}")
+        if not isinstance(input_ids, jax.core.Tracer):
+            check_token_ids(np.asarray(input_ids), cfg.vocab_size)
         bias = self.position_bias(input_ids.shape[1])
         if attention_mask is not None:
             mask = jnp.asarray(attention_mask)
@@ -292,6 +294,14 @@ class T5Encoder(nnx.Module):
             x = (nnx.remat(type(block).__call__, policy=policy)(block, x, bias) if cfg.remat
                  else block(x, bias))
         return self.final_layer_norm(x)
+
+
+def check_token_ids(input_ids: np.ndarray, vocab_size: int) -> None:
+    """Raise on ids outside the token table: jnp.take would turn them into NaN rows silently."""
+    if input_ids.size and (input_ids.min() < 0 or input_ids.max() >= vocab_size):
+        raise ValueError(
+            f"token ids must lie in [0, {vocab_size}) (the encoder's vocab_size); got ids from "
+            f"{input_ids.min()} to {input_ids.max()}: is the tokenizer the encoder's own?")
 
 
 def split_encoder(cfg: T5EncoderConfig):

@@ -29,7 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from dit_jax import sharding
-from dit_jax.models.t5 import T5Encoder, T5EncoderConfig, split_encoder
+from dit_jax.models.t5 import T5Encoder, T5EncoderConfig, check_token_ids, split_encoder
 from dit_jax.port.dit import looks_like_hub_id
 from dit_jax.port.keys import check_keys
 
@@ -315,6 +315,7 @@ def encoder_fn(encoder: T5Encoder, mesh: Mesh | None = None):
         if mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask has shape {mask.shape}, input_ids "
                              f"{input_ids.shape}: they must match")
+        check_token_ids(input_ids, encoder.config.vocab_size)
         n = input_ids.shape[0]
         extra = -n % rows
         if extra:  # rows of padding tokens, attended (the mask of 1s keeps them finite)
