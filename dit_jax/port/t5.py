@@ -233,8 +233,8 @@ def load_t5_encoder(src, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: b
     if config.get("model_type") not in ("t5", "mt5"):
         raise ValueError(f"{folder / 'config.json'} has model_type {config.get('model_type')!r}, "
                          f"not 't5': {_HOW_TO}")
-    cfg = T5EncoderConfig.from_hf(config, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype),
-                                  remat=remat)
+    cfg = T5EncoderConfig.from_hf(config, dtype=jnp.dtype(dtype),
+                                  param_dtype=jnp.dtype(param_dtype), remat=remat)
     tensors = _read_weights(folder)
     table = encoder_keys(cfg)
     embedding = next((k for k in EMBEDDING_KEYS if k in tensors), None)
