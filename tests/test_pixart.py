@@ -1,7 +1,7 @@
-"""PixArt-α (dit_jax.models.pixart, dit_jax.port.pixart) against diffusers' PixArtTransformer2DModel
-built with small random weights, the original checkpoint layout (keys renamed as the original
-repository's converter names them), the text mask, the released initialisation, caption dropout
-and sharding."""
+"""PixArt-α (dit_jax.models.pixart, dit_jax.port.pixart) against diffusers'
+PixArtTransformer2DModel built with small random weights, the original checkpoint layout (keys
+renamed as the original repository's converter names them), the text mask, the released
+initialisation, caption dropout and sharding."""
 
 import dataclasses
 from functools import partial
@@ -22,7 +22,7 @@ TINY = dict(sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num
             caption_channels=32, in_channels=4, out_channels=8, cross_attention_dim=24,
             attention_bias=True, activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
             norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6)
-JAX_TINY = dict(sample_size=8, patch_size=2, hidden_size=24, depth=2, num_heads=3,
+JAX_TINY = dict(input_size=8, patch_size=2, hidden_size=24, depth=2, num_heads=3,
                 caption_channels=32)
 TEXT_LEN = 6
 # Rows 1 and 2 padded (the pipeline pads T5 tokens to a fixed length with a mask).
@@ -68,16 +68,18 @@ def _run_torch(model, x, t, text, mask, resolution, aspect):
     return out.numpy().transpose(0, 2, 3, 1)
 
 
-@partial(jax.jit, static_argnums=0)
-def _apply(graphdef, state, x, t, text, mask, resolution, aspect):
+@partial(jax.jit, static_argnums=(0, 9))
+def _apply(graphdef, state, x, t, text, mask, resolution, aspect, key, train):
     # One compiled program per shape: op-by-op execution compiles every op anew (slow on CPU).
-    return nnx.merge(graphdef, state)(x, t, text, mask, resolution=resolution, aspect_ratio=aspect)
+    return nnx.merge(graphdef, state)(x, t, text, mask, resolution=resolution, aspect_ratio=aspect,
+                                      train=train, rngs=key)
 
 
-def _run_jax(model, x, t, text, mask=None, resolution=None, aspect=None):
+def _run_jax(model, x, t, text, mask=None, resolution=None, aspect=None, *, train=False,
+             key=None):
     if not model.config.micro_conditions:
         resolution = aspect = None
-    return np.asarray(_apply(*nnx.split(model), x, t, text, mask, resolution, aspect))
+    return np.asarray(_apply(*nnx.split(model), x, t, text, mask, resolution, aspect, key, train))
 
 
 def _fresh(cfg):
@@ -109,7 +111,8 @@ def _original_state_dict(diffusers_model, depth):
 
     sd = {k: v.clone() for k, v in diffusers_model.state_dict().items()}
     out = {}
-    top = {"pos_embed.proj": "x_embedder.proj", "caption_projection.linear_1": "y_embedder.y_proj.fc1",
+    top = {"pos_embed.proj": "x_embedder.proj",
+           "caption_projection.linear_1": "y_embedder.y_proj.fc1",
            "caption_projection.linear_2": "y_embedder.y_proj.fc2",
            "adaln_single.emb.timestep_embedder.linear_1": "t_embedder.mlp.0",
            "adaln_single.emb.timestep_embedder.linear_2": "t_embedder.mlp.2",
@@ -176,7 +179,7 @@ def test_original_checkpoint_and_exports(tmp_path):
     torch.save({"state_dict": original}, tmp_path / "PixArt-tiny.pth")
     model = load_pixart(tmp_path / "PixArt-tiny.pth", num_heads=3)
     cfg = model.config
-    assert (cfg.sample_size, cfg.micro_conditions, cfg.model_max_length) == (8, True, TEXT_LEN)
+    assert (cfg.input_size, cfg.micro_conditions, cfg.model_max_length) == (8, True, TEXT_LEN)
     np.testing.assert_array_equal(np.asarray(model.y_embedder.y_embedding[...]),
                                   original["y_embedder.y_embedding"].numpy())
     x, t, text, resolution, aspect = _inputs(12, 8)
@@ -259,15 +262,14 @@ def test_caption_dropout_swaps_in_the_null_caption():
     model = _random_pixart(**JAX_TINY, model_max_length=TEXT_LEN, class_dropout_prob=1.0)
     x, t, text, _, _ = _inputs(8, 8)
     null = np.broadcast_to(np.asarray(model.y_embedder.y_embedding[...]), text.shape)
-    dropped = model(x, t, text, MASK, train=True, rngs=nnx.Rngs(dropout=0))
+    dropped = _run_jax(model, x, t, text, MASK, train=True, key=jax.random.key(0))
     # The mask is kept, as the original does: the null caption is cut to the caption's length.
-    np.testing.assert_allclose(np.asarray(dropped), np.asarray(model(x, t, null, MASK)),
-                               rtol=1e-6, atol=1e-6)
-    assert _rel(np.asarray(model(x, t, text, MASK)), np.asarray(dropped)) > 1e-3
+    np.testing.assert_allclose(dropped, _run_jax(model, x, t, null, MASK), rtol=1e-6, atol=1e-6)
+    assert _rel(_run_jax(model, x, t, text, MASK), dropped) > 1e-3
     # Same weights (same draws), no dropout: training mode changes nothing and needs no rngs.
     kept = _random_pixart(**JAX_TINY, model_max_length=TEXT_LEN, class_dropout_prob=0.0)
-    np.testing.assert_array_equal(np.asarray(kept(x, t, text, MASK, train=True)),
-                                  np.asarray(model(x, t, text, MASK)))
+    np.testing.assert_array_equal(_run_jax(kept, x, t, text, MASK, train=True),
+                                  _run_jax(model, x, t, text, MASK))
     with pytest.raises(ValueError, match="needs rngs"):
         model(x, t, text, MASK, train=True)
     with pytest.raises(ValueError, match="null caption"):

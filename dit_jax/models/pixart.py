@@ -1,5 +1,5 @@
-"""PixArt-α (Chen et al. 2023, "PixArt-α: Fast Training of Diffusion Transformer for Photorealistic
-Text-to-Image Synthesis") in Flax NNX: a DiT conditioned on text tokens.
+"""PixArt-α (Chen et al. 2023, "PixArt-α: Fast Training of Diffusion Transformer for
+Photorealistic Text-to-Image Synthesis") in Flax NNX: a DiT conditioned on text tokens.
 
 The same function as diffusers' `PixArtTransformer2DModel` and the original `PixArt` / `PixArtMS`
 (github PixArt-alpha/PixArt-alpha), to float32 rounding, in channels-last layout. It is also this
@@ -43,16 +43,17 @@ from dit_jax.models.dit import (ATTENTION_IMPLS, NORM_EPS, Attention, Mlp, Times
 class PixArtConfig:
     """Hyper-parameters of one PixArt-α transformer.
 
-    `sample_size` is the latent side the model was trained at (64 for PixArt-XL-2-512x512, 128 for
-    -1024-MS): it fixes the position table's base size (sample_size // patch_size); inputs of any
-    size divisible by the patch run. `micro_conditions` None means "as diffusers decides": on exactly
-    when sample_size == 128. `interpolation_scale` None means max(sample_size // 64, 1).
+    `input_size` (the original's name; diffusers says sample_size) is the latent side the model was
+    trained at (64 for PixArt-XL-2-512x512, 128 for -1024-MS): it fixes the position table's base
+    size (input_size // patch_size); inputs of any size divisible by the patch run.
+    `micro_conditions` None means "as diffusers decides": on exactly when input_size == 128.
+    `interpolation_scale` (the original's lewei_scale) None means max(input_size // 64, 1).
     `class_dropout_prob` is the caption dropout of training (the original's name): a dropped
     example's text tokens are replaced by the null caption, a fixed (model_max_length,
     caption_channels) table; model_max_length 0 means no null caption (diffusers checkpoints do
     not store one)."""
 
-    sample_size: int = 128
+    input_size: int = 128
     patch_size: int = 2
     in_channels: int = 4
     hidden_size: int = 1152
@@ -73,12 +74,12 @@ class PixArtConfig:
 
     def __post_init__(self):
         if self.micro_conditions is None:
-            object.__setattr__(self, "micro_conditions", self.sample_size == 128)
+            object.__setattr__(self, "micro_conditions", self.input_size == 128)
         if self.interpolation_scale is None:
-            object.__setattr__(self, "interpolation_scale", float(max(self.sample_size // 64, 1)))
+            object.__setattr__(self, "interpolation_scale", float(max(self.input_size // 64, 1)))
         d = self.hidden_size
-        if self.sample_size % self.patch_size:
-            raise ValueError(f"sample_size {self.sample_size} is not divisible by patch_size "
+        if self.input_size % self.patch_size:
+            raise ValueError(f"input_size {self.input_size} is not divisible by patch_size "
                              f"{self.patch_size}")
         if d % self.num_heads:
             raise ValueError(f"hidden_size {d} is not divisible by num_heads {self.num_heads}")
@@ -97,7 +98,7 @@ class PixArtConfig:
 
     @property
     def base_size(self) -> int:
-        return self.sample_size // self.patch_size
+        return self.input_size // self.patch_size
 
     @property
     def out_channels(self) -> int:
@@ -164,8 +165,8 @@ class CaptionProjection(nnx.Module):
 
 
 class CaptionEmbedder(nnx.Module):
-    """The caption projection `y_proj` (fc1: caption_channels → D, GELU(tanh), fc2: D → D) and the
-    null caption `y_embedding` used by caption dropout (when model_max_length > 0)."""
+    """The caption projection `y_proj` (fc1: caption_channels → D, GELU(tanh), fc2: D → D) and
+    the null caption `y_embedding` used by caption dropout (when model_max_length > 0)."""
 
     def __init__(self, cfg: PixArtConfig, *, rngs: nnx.Rngs):
         d, c = cfg.hidden_size, cfg.caption_channels
@@ -289,7 +290,7 @@ class PixArt(nnx.Module):
         return table.astype(np.float32)[None]
 
     def timestep_embedding(self, t, batch: int, resolution=None, aspect_ratio=None):
-        """temb (N, D): the timestep embedding, plus the micro-conditions when the model has them."""
+        """temb (N, D): the timestep embedding, plus the micro-conditions if the model has them."""
         temb = self.t_embedder(jnp.broadcast_to(jnp.asarray(t), (batch,)))
         if not self.config.micro_conditions:
             return temb

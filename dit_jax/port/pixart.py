@@ -1,4 +1,4 @@
-"""PixArt-α weights ↔ `dit_jax.models.pixart.PixArt`: diffusers folders and the original .pth files.
+"""PixArt-α weights ↔ `dit_jax.models.pixart.PixArt`: diffusers folders, the original .pth files.
 
 Sources `load_pixart` reads:
 
@@ -22,8 +22,8 @@ null caption and no position table.
 
 What the tensors do not show comes from the diffusers config, or for .pth files from the
 official table: the head count (16 for the width 1152 of every release, else num_heads=), the
-latent side sample_size (from the stored pos_embed's token count), the interpolation scale
-(max(sample_size // 64, 1): 1 for 512 px, 2 for 1024 px, as the original inference script sets
+latent side input_size (from the stored pos_embed's token count), the interpolation scale
+(max(input_size // 64, 1): 1 for 512 px, 2 for 1024 px, as the original inference script sets
 it). Export: `save_pixart(model, DEST)` writes a diffusers folder, or the original {"state_dict"}
 layout to a .pth. See docs/pixart.md.
 """
@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dit_jax.models.pixart import PixArt, PixArtConfig, pixart_sincos_2d
+from dit_jax.models.pixart import PixArt, PixArtConfig
 from dit_jax.port import dit as dit_port
 from dit_jax.port.keys import check_keys
 
@@ -207,7 +207,7 @@ def build(state_dict: Mapping[str, np.ndarray], cfg: PixArtConfig) -> PixArt:
         table_now = model.pos_embed((side, side))
         if stored_pos.shape != table_now.shape or not np.allclose(stored_pos, table_now, atol=1e-5):
             warnings.warn(f"the checkpoint's pos_embed differs from the position table for "
-                          f"sample_size {cfg.sample_size}, interpolation_scale "
+                          f"input_size {cfg.input_size}, interpolation_scale "
                           f"{cfg.interpolation_scale}; the model recomputes it (as the original "
                           f"loader does): check those two settings")
     nnx.replace_by_pure_dict(state, values)
@@ -237,7 +237,7 @@ def _resolve(found: Mapping[str, Any], overrides: Mapping[str, Any], source: str
 
 def infer_original(state_dict: Mapping[str, np.ndarray], source: str = "the state_dict"
                    ) -> dict[str, Any]:
-    """The weight-fixed PixArtConfig fields (and sample_size, from pos_embed) of an original
+    """The weight-fixed PixArtConfig fields (and input_size, from pos_embed) of an original
     state_dict."""
 
     def need(key, ndim):
@@ -255,8 +255,9 @@ def infer_original(state_dict: Mapping[str, np.ndarray], source: str = "the stat
         raise ValueError(f"{source}: no blocks.N.* keys")
     out_channels, rest = divmod(need("final_layer.linear.weight", 2)[0], patch * patch)
     if rest or out_channels not in (in_channels, 2 * in_channels):
-        raise ValueError(f"{source}: final_layer.linear.weight has {out_channels * patch ** 2 + rest}"
-                         f" outputs: not patch² × {in_channels} or patch² × {2 * in_channels}")
+        outputs = out_channels * patch ** 2 + rest
+        raise ValueError(f"{source}: final_layer.linear.weight has {outputs} outputs: not "
+                         f"patch² × {in_channels} or patch² × {2 * in_channels}")
     found = dict(
         patch_size=patch, in_channels=in_channels, hidden_size=width, depth=max(blocks) + 1,
         mlp_ratio=need("blocks.0.mlp.fc1.weight", 2)[0] / width,
@@ -269,14 +270,14 @@ def infer_original(state_dict: Mapping[str, np.ndarray], source: str = "the stat
         side = math.isqrt(tokens)
         if side * side != tokens:
             raise ValueError(f"{source}: pos_embed has {tokens} tokens, not a square grid")
-        found["sample_size"] = side * patch
+        found["input_size"] = side * patch
     return found
 
 
 def from_original(path_or_state_dict, *, which: str | None = None, **overrides) -> PixArt:
     """A PixArt from an original .pth/.pt/.safetensors file, or an already loaded dict: a plain
     state_dict or {"state_dict": …[, "state_dict_ema": …]}. `which` = "ema" or "model" picks
-    from a training checkpoint; default: the EMA weights when there are some. sample_size comes
+    from a training checkpoint; default: the EMA weights when there are some. input_size comes
     from the stored pos_embed, or must be given."""
     source = str(path_or_state_dict) if not isinstance(path_or_state_dict, Mapping) else "the dict"
     if isinstance(path_or_state_dict, Mapping):
@@ -300,9 +301,9 @@ def from_original(path_or_state_dict, *, which: str | None = None, **overrides) 
     if any(k.startswith("transformer_blocks.") for k in state_dict):
         raise ValueError(f"{source} holds diffusers keys: load its folder (with config.json)")
     found = infer_original(state_dict, source)
-    if "sample_size" not in found and "sample_size" not in overrides:
+    if "input_size" not in found and "input_size" not in overrides:
         raise ValueError(f"{source} has no pos_embed to read the latent side from: pass "
-                         f"sample_size= (64 for 512 px models, 128 for 1024 px)")
+                         f"input_size= (the latent side: 64 for 512 px models, 128 for 1024 px)")
     return build(state_dict, _resolve(found, overrides, source))
 
 
@@ -343,7 +344,7 @@ def from_diffusers(folder_or_hub_id, **overrides) -> PixArt:
     weights = dit_port._read_diffusers_weights(folder, DOWNLOAD_HELP)
     state_dict = diffusers_to_original(weights, depth, micro)
     found = dict(
-        sample_size=sample_size, patch_size=config["patch_size"], in_channels=in_channels,
+        input_size=sample_size, patch_size=config["patch_size"], in_channels=in_channels,
         hidden_size=width, depth=depth, num_heads=heads,
         mlp_ratio=state_dict["blocks.0.mlp.fc1.weight"].shape[0] / width,
         caption_channels=config["caption_channels"], learn_sigma=out_channels == 2 * in_channels,
@@ -357,7 +358,7 @@ def load_pixart(src, *, which: str | None = None, **overrides) -> PixArt:
     """A PixArt-α transformer from `src`: an original .pth/.pt/.safetensors file, a diffusers
     folder (PixArtTransformer2DModel, or a pipeline with transformer/), or a hub id.
     `overrides` are PixArtConfig fields: dtype, attention_impl, remat, class_dropout_prob, and
-    what the weights do not fix (num_heads, sample_size, interpolation_scale)."""
+    what the weights do not fix (num_heads, input_size, interpolation_scale)."""
     path = Path(src)
     if path.is_file():
         if path.suffix not in dit_port.TORCH_SUFFIXES:
@@ -410,7 +411,7 @@ def to_diffusers(model: PixArt) -> tuple[dict[str, Any], dict[str, Any]]:
         "norm_num_groups": 32,
         "cross_attention_dim": cfg.hidden_size,
         "attention_bias": True,
-        "sample_size": cfg.sample_size,
+        "sample_size": cfg.input_size,
         "patch_size": cfg.patch_size,
         "activation_fn": "gelu-approximate",
         "num_embeds_ada_norm": 1000,
