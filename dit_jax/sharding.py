@@ -53,7 +53,9 @@ LOGICAL_AXIS_RULES: dict[str, Any] = {
     "vocab": None,
     "buckets": None,
     "norm": None,
+    "caption": None,  # the text encoder's width at the caption projection's input (PixArt-α)
 }
+
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
