@@ -44,6 +44,17 @@ def define_common_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 define_common_flags()
 
 
+def define_distributed_flag() -> None:
+    """--distributed, shared by the global-FLAGS entry points (train.py and sample.py both define
+    it; tests import both into one process)."""
+    if "distributed" not in flags.FLAGS:
+        flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                          "call jax.distributed.initialize: auto = when launched as several "
+                          "processes")
+    caller = sys._getframe(1).f_globals.get("__name__", "__main__")
+    flags.FLAGS.register_key_flag_for_module(caller, flags.FLAGS["distributed"])
+
+
 def program_name() -> str:
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
@@ -116,18 +127,23 @@ def quiet_third_party(verbose: bool = False) -> None:
             handler.addFilter(_OwnInfoFilter())
 
 
+# Libraries whose warnings describe their own bookkeeping, not the run (orbax: "Given directory
+# is read only" for every checkpoint a sampler opens): errors only.
+_CHATTY = ("/orbax/",)
+
+
 class _OwnInfoFilter(logging.Filter):
-    """Passes warnings and errors, and INFO records of this project's code (the package and the
-    script that was run)."""
+    """Passes warnings and errors (other than _CHATTY libraries' warnings), and INFO records of
+    this project's code (the package and the script that was run)."""
 
     def __init__(self):
         super().__init__()
         self.script = str(Path(sys.argv[0]).resolve()) if sys.argv and sys.argv[0] else None
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.WARNING:
-            return True
         path = record.pathname or ""
+        if record.levelno >= logging.WARNING:
+            return record.levelno >= logging.ERROR or not any(c in path for c in _CHATTY)
         return path.startswith(_OWN_CODE) or path == self.script
 
 

@@ -61,7 +61,8 @@ from dit_jax.checkpoint import (RUNTIME_FIELDS, is_model_checkpoint, is_train_wo
 from dit_jax.models.dit import (DIT_CONFIGS, NUMERICS, DiT, DiTConfig, convert_blocks,
                                  sincos_2d)
 from dit_jax.port.keys import check_keys, read_safetensors, require_torch, write_safetensors
-from dit_jax.port.paths import TORCH_SUFFIXES, looks_like_hub_id, missing_path_message
+from dit_jax.port.paths import (TORCH_SUFFIXES, close_names, looks_like_hub_id,
+                                 missing_path_message)
 
 DOWNLOAD_HELP = (
     "The official DiT weights are the DiT repository's downloads "
@@ -87,7 +88,7 @@ OFFICIAL_CLASS_DROPOUT = 0.1
 
 
 def _missing(path) -> FileNotFoundError:
-    if Path(path).parent.is_dir() and str(Path(path).parent) != ".":  # a typo in a local path
+    if close_names(path):  # a typo in a local path: the names next to it say more
         return FileNotFoundError(missing_path_message(path, "checkpoint"))
     return FileNotFoundError(f"checkpoint not found: {path}. {DOWNLOAD_HELP}")
 

@@ -19,13 +19,16 @@ def looks_like_hub_id(spec: str) -> bool:
     return not spec.endswith(TORCH_SUFFIXES) and not Path(spec).parent.is_dir()
 
 
-def missing_path_message(spec, what: str = "path") -> str:
-    """`WHAT SPEC does not exist`, with the closest names in its folder when that folder exists."""
+def close_names(spec) -> list[str]:
+    """The paths next to `spec` whose names are closest to its name (a typo's likely targets)."""
     path = Path(spec).expanduser()
-    message = f"{what} {spec} does not exist"
-    if path.parent.is_dir():
-        names = [p.name for p in path.parent.iterdir()]
-        close = difflib.get_close_matches(path.name, names, n=3)
-        if close:
-            message += f" (did you mean {', '.join(str(path.parent / c) for c in close)}?)"
-    return message
+    if not path.parent.is_dir():
+        return []
+    names = difflib.get_close_matches(path.name, [p.name for p in path.parent.iterdir()], n=3)
+    return [str(path.parent / name) for name in names]
+
+
+def missing_path_message(spec, what: str = "path") -> str:
+    """`WHAT SPEC does not exist`, with the closest names in its folder when there are some."""
+    close = close_names(spec)
+    return f"{what} {spec} does not exist" + (f" (did you mean {', '.join(close)}?)" if close else "")
