@@ -42,7 +42,7 @@ from dit_jax.distributed import initialize_distributed
 from dit_jax.evaluation import resolve_weights
 from dit_jax.evaluation.suite import evaluate_files, format_metrics
 from dit_jax.port.dit import DOWNLOAD_HELP
-from dit_jax.port.paths import looks_like_hub_id, missing_path_message
+from dit_jax.port.paths import close_names, looks_like_hub_id, missing_path_message
 from dit_jax.samplers import ALIASES
 from dit_jax.sampling import (CHECKPOINT_KINDS, DEFAULT_VAE, GUIDANCE_CHANNELS, RUN_SETTINGS,
                               SAMPLERS, TRANSPORT_SAMPLERS, SampleRequest, run_settings, sample)
@@ -99,7 +99,9 @@ def request_from_flags() -> SampleRequest:
     if FLAGS.ckpt is None:
         raise app.UsageError(f"--ckpt is required. {DOWNLOAD_HELP}")
     if not Path(FLAGS.ckpt).expanduser().exists() and not looks_like_hub_id(FLAGS.ckpt):
-        raise FileNotFoundError(missing_path_message(FLAGS.ckpt, "--ckpt"))
+        if close_names(FLAGS.ckpt):  # a typo: name the paths it resembles
+            raise FileNotFoundError(missing_path_message(FLAGS.ckpt, "--ckpt"))
+        raise FileNotFoundError(f"--ckpt {FLAGS.ckpt} does not exist. {DOWNLOAD_HELP}")
     labels = parse_labels(FLAGS.labels, FLAGS.ckpt) if FLAGS.labels else None
     interval = None
     if FLAGS.guidance_interval:
