@@ -20,6 +20,7 @@ non-finite loss or a user error (one line; --verbose for the traceback).
 """
 
 import sys
+from pathlib import Path
 
 import jax
 from absl import app, flags
@@ -55,12 +56,12 @@ def summary(result: dict, workdir: str, total_steps: int) -> str:
     else:
         head = (f"done: step {result['step']} of {total_steps} (this run: steps "
                 f"{result['start']}..{result['step']}){loss_text}")
-    return "\n".join([head,
-                      f"  checkpoints  {workdir}/{CHECKPOINT_DIR}/",
-                      f"  logs         {workdir}/{LOG_FILE}, {workdir}/{TENSORBOARD_DIR}/ "
-                      f"(tensorboard --logdir={workdir}/{TENSORBOARD_DIR})",
-                      f"  samples      {workdir}/{SAMPLES_DIR}/",
-                      f"  sample more: python sample.py --ckpt={workdir}"])
+    lines = [head, f"  checkpoints  {workdir}/{CHECKPOINT_DIR}/",
+             f"  logs         {workdir}/{LOG_FILE}, {workdir}/{TENSORBOARD_DIR}/ "
+             f"(tensorboard --logdir={workdir}/{TENSORBOARD_DIR})"]
+    if (Path(workdir) / SAMPLES_DIR).is_dir():  # none with sample_every=0
+        lines.append(f"  samples      {workdir}/{SAMPLES_DIR}/")
+    return "\n".join(lines + [f"  sample more: python sample.py --ckpt={workdir}"])
 
 
 def main(argv):
