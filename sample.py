@@ -8,6 +8,8 @@
     python sample.py --ckpt DiT-XL-2-256x256.pt --labels 207,360,387,974,88,979,417,279
     # a pixel-space model trained with train.py (its config.json says: no VAE, clip x0)
     python sample.py --ckpt runs/demo --labels 0,1,2,3 --sampler ddim --steps 50
+    # labels by the class names the run recorded (classes.json, the latents' manifest, built-in data)
+    python sample.py --ckpt runs/demo --labels circle,square,triangle,diamond
     # SiT / REPA weights or a run trained with --config.objective=transport (docs/transport.md)
     python sample.py --ckpt SiT-XL-2-256x256.pt --kind sit --sampler sde-euler --cfg-scale 1.5
     python sample.py --ckpt last.pt --kind repa --sampler sde-euler --cfg-scale 1.8 \\
@@ -30,11 +32,17 @@ import jax
 from absl import app, flags, logging
 from jax.experimental import multihost_utils
 
+from dit_jax import cli
+from dit_jax.checkpoint import read_run_config
 from dit_jax.cli import parse_flags
+from dit_jax.data import builtin
+from dit_jax.data.folder import CLASS_MAPPING_FILE, load_class_mapping
+from dit_jax.data.latents import MANIFEST
 from dit_jax.distributed import initialize_distributed
 from dit_jax.evaluation import resolve_weights
 from dit_jax.evaluation.suite import evaluate_files, format_metrics
 from dit_jax.port.dit import DOWNLOAD_HELP
+from dit_jax.port.paths import close_names, looks_like_hub_id, missing_path_message
 from dit_jax.samplers import ALIASES
 from dit_jax.sampling import (CHECKPOINT_KINDS, DEFAULT_VAE, GUIDANCE_CHANNELS, RUN_SETTINGS,
                               SAMPLERS, TRANSPORT_SAMPLERS, SampleRequest, run_settings, sample)
@@ -46,7 +54,8 @@ flags.DEFINE_integer("image_size", None, "image size in pixels (default: from th
 flags.DEFINE_string("vae", DEFAULT_VAE,
                     "VAE folder or hub id ('ema'/'mse' for stabilityai/sd-vae-ft-*); 'none' for "
                     "pixel-space models, or to write latents")
-flags.DEFINE_list("labels", None, "class labels, comma-separated (default: uniform at random)")
+flags.DEFINE_list("labels", None, "class labels, comma-separated: indices, or the class names a "
+                  "train.py workdir recorded (default: uniform at random)")
 flags.DEFINE_integer("num_samples", None, "number of samples (default: one per label, or 8)")
 flags.DEFINE_integer("batch_size", 32, "global batch per chunk, split over all devices")
 flags.DEFINE_float("cfg_scale", 4.0, "classifier-free guidance scale (1: none)")
@@ -82,20 +91,18 @@ flags.DEFINE_string("fid_reference", None,
                     "(docs/evaluation.md). The samples .npz is --npz, default OUT/samples.npz")
 flags.DEFINE_string("inception_weights", None,
                     "FID Inception weights for --fid-reference (default: cache or download)")
-flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
-                  "call jax.distributed.initialize: auto = when launched as several processes")
+cli.define_distributed_flag()
 
 
 
 def request_from_flags() -> SampleRequest:
     if FLAGS.ckpt is None:
         raise app.UsageError(f"--ckpt is required. {DOWNLOAD_HELP}")
-    labels = None
-    if FLAGS.labels:
-        try:
-            labels = tuple(int(label) for label in FLAGS.labels)
-        except ValueError:
-            raise app.UsageError(f"--labels must be integers, got {','.join(FLAGS.labels)}")
+    if not Path(FLAGS.ckpt).expanduser().exists() and not looks_like_hub_id(FLAGS.ckpt):
+        if close_names(FLAGS.ckpt):  # a typo: name the paths it resembles
+            raise FileNotFoundError(missing_path_message(FLAGS.ckpt, "--ckpt"))
+        raise FileNotFoundError(f"--ckpt {FLAGS.ckpt} does not exist. {DOWNLOAD_HELP}")
+    labels = parse_labels(FLAGS.labels, FLAGS.ckpt) if FLAGS.labels else None
     interval = None
     if FLAGS.guidance_interval:
         try:
@@ -120,6 +127,56 @@ def request_from_flags() -> SampleRequest:
         npz=FLAGS.npz or (str(Path(FLAGS.out) / "samples.npz") if FLAGS.fid_reference else None),
         dtype=FLAGS.dtype, numerics=FLAGS.numerics, kind=FLAGS.kind, guidance_interval=interval,
         **settings)
+
+
+def run_class_names(ckpt: str) -> tuple[list[str], str] | None:
+    """The class names a train.py workdir's run recorded, and where they were found: its
+    classes.json (image folders), else its data's: the latents' manifest, the built-in shapes."""
+    if (Path(ckpt) / CLASS_MAPPING_FILE).is_file():
+        return load_class_mapping(ckpt), str(Path(ckpt) / CLASS_MAPPING_FILE)
+    config = read_run_config(ckpt) or {}
+    data = config.get("data") or {}
+    if data.get("source") == "builtin":
+        return builtin.class_names(), "the built-in shapes data (dit_jax.data.builtin)"
+    manifest = Path(str(data.get("path"))) / MANIFEST
+    if data.get("source") == "latents" and manifest.is_file():
+        names = json.loads(manifest.read_text()).get("class_names") or []
+        return (list(names), str(manifest)) if names else None
+    return None
+
+
+def parse_labels(values: list[str], ckpt: str) -> tuple[int, ...]:
+    """--labels: class indices, or class names of the run (case-insensitive; a word of a name,
+    such as `circle` for "red circle", when it names one class only)."""
+    if all(v.strip().lstrip("-").isdigit() for v in values):
+        return tuple(int(v) for v in values)
+    found = run_class_names(ckpt)
+    if found is None:
+        raise app.UsageError(f"--labels {','.join(values)}: {ckpt} records no class names (no "
+                             f"train.py workdir with classes.json, latents or built-in data): "
+                             f"pass class indices")
+    names, where = found
+
+    def normal(name: str) -> str:  # "Green_Square", "green-square" → "green square"
+        return " ".join(name.lower().replace("_", " ").replace("-", " ").split())
+
+    labels = []
+    for value in values:
+        key = normal(value)
+        if key.lstrip("-").isdigit():
+            labels.append(int(key))
+            continue
+        exact = [i for i, n in enumerate(names) if normal(n) == key]
+        words = [i for i, n in enumerate(names) if key in normal(n).split()]
+        match = exact or words
+        if len(match) != 1:
+            listed = ", ".join(names[:20]) + (" ..." if len(names) > 20 else "")
+            problem = "names several classes" if match else "is not a class name"
+            raise app.UsageError(f"--labels: {value!r} {problem} of {where} ({listed})")
+        labels.append(match[0])
+    logging.info("labels from %s: %s", where,
+                 ", ".join(f"{v}={i}" for v, i in zip(values, labels)))
+    return tuple(labels)
 
 
 def evaluate_samples(npz: str) -> dict:
@@ -155,4 +212,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    cli.run(main)

@@ -24,7 +24,7 @@ import jax
 from absl import app, flags
 from tqdm import tqdm
 
-from dit_jax.cli import parse_flags
+from dit_jax import cli
 from dit_jax.distributed import initialize_distributed
 from dit_jax.evaluation import FeatureExtractor, load_inception
 from dit_jax.evaluation.suite import evaluate_files, format_metrics, write_reference
@@ -42,8 +42,7 @@ flags.DEFINE_string("write_reference", None,
                     "instead of evaluating, write an ADM-format reference batch of the one image "
                     "set given (statistics of every image, --reference-images of them as arr_0)")
 flags.DEFINE_integer("reference_images", 10000, "images kept in a written reference batch")
-flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
-                  "call jax.distributed.initialize: auto = when launched as several processes")
+cli.define_distributed_flag()
 
 
 
@@ -77,4 +76,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    cli.run(main)

@@ -1,8 +1,11 @@
 """Encode an image folder once with the VAE: the fast path of training
 (docs/numerics.md#latents-and-data).
 
-    python -m dit_jax.extract_latents --data /data/imagenet/train --out /data/latents256 \\
-        --image-size 256 --vae stabilityai/sd-vae-ft-ema
+    python -m dit_jax.extract_latents --data=/data/imagenet/train --out=/data/latents256 \\
+        --image-size=256 --vae=stabilityai/sd-vae-ft-ema
+    # a folder of unlabelled images, half-precision storage, no progress bar (batch jobs)
+    python -m dit_jax.extract_latents --data=/data/faces --out=/data/faces-latents \\
+        --layout=flat --dtype=float16 --noprogress
 
 Every image goes through the released preprocessing (ADM center crop, [-1, 1]); the VAE encodes it
 and its mirror image, and the posterior mean and std of both are stored (see
@@ -21,7 +24,6 @@ in the manifest).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -35,13 +37,17 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 from flax import nnx
 from tqdm import tqdm
+
+from dit_jax import cli
 
 from dit_jax.data.folder import LAYOUTS, ImageFolderSource, class_folders_for
 from dit_jax.data.latents import (FORMAT, MANIFEST, MANIFEST_STORED, labels_file, moments_file)
 from dit_jax.data.pipeline import ensure_absl_flags_parsed
 from dit_jax.distributed import initialize_distributed, wait_for_every_host
+from dit_jax.port.paths import missing_path_message
 from dit_jax.port.vae import load_vae
 from dit_jax.sharding import batch_sharding, make_mesh, replicated, shard_batch
 
@@ -257,43 +263,57 @@ def _manifest(out: Path, plan: dict, num_shards: int, vae_module) -> dict[str, A
             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m dit_jax.extract_latents",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", required=True, help="image folder (class subfolders, or flat)")
-    parser.add_argument("--out", required=True, help="output folder (resumed if it exists)")
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--vae", default="stabilityai/sd-vae-ft-ema",
-                        help="diffusers VAE folder or hub id; 'ema' / 'mse' for sd-vae-ft-*")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per device per step")
-    parser.add_argument("--shard-size", type=int, default=2048, help="images per shard file")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16"],
-                        help="storage dtype of the moments")
-    parser.add_argument("--vae-dtype", default="float32", choices=["float32", "bfloat16"],
-                        help="compute dtype of the encoder")
-    parser.add_argument("--num-workers", type=int, default=4, help="image loading processes")
-    parser.add_argument("--num-threads", type=int, default=8, help="loading threads per process")
-    parser.add_argument("--layout", default="auto", choices=list(LAYOUTS),
-                        help="class subfolders, one flat unconditional folder, or decide")
-    parser.add_argument("--distributed", default="auto", choices=["auto", "on", "off"],
-                        help="jax.distributed.initialize for multi-host runs")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+# A FlagValues of its own: main() also runs as a function next to other command lines' flags.
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("data", None, "image folder (class subfolders, or flat)", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "output folder (resumed if it exists)", flag_values=FLAGS)
+flags.DEFINE_integer("image_size", 256, "image size in pixels (ADM center crop)", flag_values=FLAGS)
+flags.DEFINE_string("vae", "stabilityai/sd-vae-ft-ema",
+                    "diffusers VAE folder or hub id; 'ema' / 'mse' for sd-vae-ft-*",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 32, "images per device per step", flag_values=FLAGS)
+flags.DEFINE_integer("shard_size", 2048, "images per shard file", flag_values=FLAGS)
+flags.DEFINE_enum("dtype", "float32", ["float32", "float16"], "storage dtype of the moments",
+                  flag_values=FLAGS)
+flags.DEFINE_enum("vae_dtype", "float32", ["float32", "bfloat16"], "compute dtype of the encoder",
+                  flag_values=FLAGS)
+flags.DEFINE_integer("num_workers", 4, "image loading processes", flag_values=FLAGS)
+flags.DEFINE_integer("num_threads", 8, "loading threads per process", flag_values=FLAGS)
+flags.DEFINE_enum("layout", "auto", list(LAYOUTS),
+                  "class subfolders, one flat unconditional folder, or decide", flag_values=FLAGS)
+flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                  "jax.distributed.initialize for multi-host runs", flag_values=FLAGS)
+flags.DEFINE_bool("progress", True, "show a progress bar (--noprogress: none)", flag_values=FLAGS)
 
-    initialize_distributed(args.distributed)
+
+def main(argv: Sequence[str]) -> dict[str, Any]:
+    """`python -m dit_jax.extract_latents --data=DIR --out=DIR [flags]`; argv without the program
+    name. Returns the manifest."""
+    FLAGS.unparse_flags()  # a previous call's values must not carry over
+    args = cli.parse_flags(["python -m dit_jax.extract_latents", *argv], FLAGS)[1:]
+    if args:
+        raise app.UsageError(f"unexpected arguments {' '.join(args)}: the folders are --data and "
+                             f"--out")
+    for name in ("data", "out"):
+        if FLAGS[name].value is None:
+            raise app.UsageError(f"--{name} is required (--help: examples)")
+    if not Path(FLAGS.data).is_dir():
+        raise FileNotFoundError(missing_path_message(FLAGS.data, "--data folder")
+                                if not Path(FLAGS.data).exists()
+                                else f"--data {FLAGS.data} is not a folder")
+    initialize_distributed(FLAGS.distributed)
     manifest = extract(
-        args.data, args.out, image_size=args.image_size, vae=args.vae, batch_size=args.batch_size,
-        shard_size=args.shard_size, dtype=args.dtype, num_workers=args.num_workers,
-        num_threads=args.num_threads,
-        class_folders=class_folders_for(args.layout),
-        vae_dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.vae_dtype],
-        progress=not args.no_progress)
+        FLAGS.data, FLAGS.out, image_size=FLAGS.image_size, vae=FLAGS.vae,
+        batch_size=FLAGS.batch_size, shard_size=FLAGS.shard_size, dtype=FLAGS.dtype,
+        num_workers=FLAGS.num_workers, num_threads=FLAGS.num_threads,
+        class_folders=class_folders_for(FLAGS.layout),
+        vae_dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[FLAGS.vae_dtype],
+        progress=FLAGS.progress)
     if jax.process_index() == 0:
-        print(f"{manifest['count']} latents {tuple(manifest['latent_shape'])} in {args.out} "
+        print(f"{manifest['count']} latents {tuple(manifest['latent_shape'])} in {FLAGS.out} "
               f"({manifest['skipped']} unreadable images skipped)", file=sys.stderr)
     return manifest
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(lambda argv: main(argv) and 0, flag_values=FLAGS)

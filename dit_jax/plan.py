@@ -819,6 +819,6 @@ if __name__ == "__main__":
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     # With the CUDA plugin installed but no GPU here, its start-up version checks only fail noisily.
     os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
-    from absl import app
+    from dit_jax import cli
     _define_flags()
-    app.run(main)
+    cli.run(main)

@@ -329,6 +329,8 @@ def test_folder_loader_flips_and_resumes_exactly(tmp_path):
     # continues with exactly the next batches, whatever its worker count.
     _, first2, state2, after2 = run(workers=2)
     assert state2 == state
+    # Copies, not the workers' shared memory: a batch still held at exit leaks none of it.
+    assert all(type(v) is np.ndarray and v.flags.owndata for b in first2 + after2 for v in b.values())
     for a, b in zip(first + after, first2 + after2):
         np.testing.assert_array_equal(a["x"], b["x"])
     for workers in (0, 2):

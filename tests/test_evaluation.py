@@ -482,6 +482,8 @@ def test_sample_py_fid_reference_checks_inputs_before_sampling(weights_file, tmp
 
     import sample as sample_script
 
+    (tmp_path / "never-loaded").mkdir()  # it exists (a missing --ckpt fails first)
+
     def run(*argv):
         flags.FLAGS.unparse_flags()
         sample_script.parse_flags(["sample.py", f"--ckpt={tmp_path / 'never-loaded'}",

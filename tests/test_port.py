@@ -109,8 +109,22 @@ def test_diffusers_embedder_copies_checked(tmp_path):
     with torch.no_grad():
         torch_model.transformer_blocks[1].norm1.emb.class_embedder.embedding_table.weight.add_(1.0)
     torch_model.save_pretrained(tmp_path / "dit")
-    with pytest.warns(UserWarning, match=r"transformer_blocks\.1\.norm1\.emb\.class_embedder"):
+    # diffusers runs block 1 with its own (changed) copy: no DiT computes that, so it is refused,
+    # naming the option, unless the option is given.
+    with pytest.raises(ValueError, match=r"1 per-block embedder copies differ from block 0's "
+                                         r"\(first: transformer_blocks\.1\.norm1\.emb\.class_embedder"
+                                         r".*embedders='block0' \(python -m dit_jax\.port: "
+                                         r"--embedders=block0\)"):
         from_diffusers(tmp_path / "dit")
+    with pytest.raises(ValueError, match="--embedders=block0"):
+        port_main(["to-jax", str(tmp_path / "dit"), str(tmp_path / "out")])
+    with pytest.warns(UserWarning, match=r"using block 0's \(embedders='block0'\)"):
+        assert port_main(["to-jax", str(tmp_path / "dit"), str(tmp_path / "out"),
+                          "--embedders=block0"]) == 0
+    model = load_any(tmp_path / "out")
+    x, t, y = _inputs(16)
+    # What the option warns about: another function than the diffusers model's.
+    assert _rel(_run_jax(model, x, t, y), _run_torch(torch_model, x, t, y)) > 1e-2
 
 
 def _small(seed=0, **kw):
@@ -209,6 +223,17 @@ def test_model_checkpoint_and_cli(tmp_path, capsys):
     assert port_main(["to-jax", str(tmp_path / "model.pt"), str(tmp_path / "ckpt"), "--num-heads", "4",
                       "--image-size", "64"]) == 0
     assert "heads 4" in capsys.readouterr().out
+    # An OUT that holds something is not overwritten without --overwrite (nor is a file).
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "ckpt").rglob("*"))
+    with pytest.raises(FileExistsError, match=r"ckpt exists and is not empty: pass --overwrite"):
+        port_main(["to-jax", str(tmp_path / "model.pt"), str(tmp_path / "ckpt"), "--num-heads=4"])
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "ckpt").rglob("*")) == before
+    with pytest.raises(FileExistsError, match="model.pt exists"):
+        port_main(["to-torch", str(tmp_path / "ckpt"), str(tmp_path / "model.pt")])
+    assert port_main(["to-jax", str(tmp_path / "model.pt"), str(tmp_path / "ckpt"), "--num-heads=4",
+                      "--image-size=64", "--overwrite"]) == 0
+    (tmp_path / "empty_out").mkdir()  # an empty folder is fine
+    assert port_main(["to-jax", str(tmp_path / "ckpt"), str(tmp_path / "empty_out")]) == 0
     loaded = load_any(tmp_path / "ckpt", image_size=64)
     _assert_same_params(loaded, model)
     assert loaded.config == model.config

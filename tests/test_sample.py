@@ -211,7 +211,7 @@ def test_bad_inputs(tmp_path, dit_dir):
                   f"--out={tmp_path}"])
     with pytest.raises(app.UsageError, match="--ckpt is required.*DiT-XL-2-256x256.pt"):
         _run_cli([f"--out={tmp_path}"])
-    with pytest.raises(flags.IllegalFlagValueError):
+    with pytest.raises(app.UsageError, match=r"flag --sampler=euler: value should be one of"):
         _run_cli([f"--ckpt={dit_dir}", "--sampler=euler"])
 
 

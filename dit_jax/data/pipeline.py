@@ -145,7 +145,10 @@ class Loader:
     def __next__(self) -> dict[str, np.ndarray]:
         if self._iterator is None:
             self._iterator = self._start()
-        batch = dict(next(self._iterator))
+        # Plain copies: with workers, grain hands over arrays in shared memory, unlinked only when
+        # they are freed. A batch that JAX still holds at exit (the CPU backend can alias host
+        # memory) would leave them behind ("resource_tracker: ... leaked shared_memory").
+        batch = {k: np.array(v) for k, v in next(self._iterator).items()}
         self._skipped_local += int(np.sum(batch.pop("skipped")))
         self.next_batch += 1
         return batch

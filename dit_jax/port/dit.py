@@ -60,7 +60,9 @@ from dit_jax.checkpoint import (RUNTIME_FIELDS, is_model_checkpoint, is_train_wo
                                 restore_model, with_config)
 from dit_jax.models.dit import (DIT_CONFIGS, NUMERICS, DiT, DiTConfig, convert_blocks,
                                  sincos_2d)
-from dit_jax.port.keys import check_keys
+from dit_jax.port.keys import check_keys, read_safetensors, require_torch, write_safetensors
+from dit_jax.port.paths import (TORCH_SUFFIXES, close_names, looks_like_hub_id,
+                                 missing_path_message)
 
 DOWNLOAD_HELP = (
     "The official DiT weights are the DiT repository's downloads "
@@ -86,6 +88,8 @@ OFFICIAL_CLASS_DROPOUT = 0.1
 
 
 def _missing(path, download_help: str = DOWNLOAD_HELP) -> FileNotFoundError:
+    if close_names(path):  # a typo in a local path: the names next to it say more
+        return FileNotFoundError(missing_path_message(path, "checkpoint"))
     return FileNotFoundError(f"checkpoint not found: {path}. {download_help}")
 
 
@@ -331,6 +335,8 @@ def infer_official(state_dict: Mapping[str, np.ndarray], *, input_size=None,
 
 
 def _numpy(tensor) -> np.ndarray:
+    if isinstance(tensor, np.ndarray):  # read without torch (.safetensors)
+        return tensor
     import torch
 
     tensor = tensor.detach().cpu()
@@ -343,10 +349,8 @@ def _read_torch_file(path: Path) -> Mapping[str, Any]:
     if not path.is_file():
         raise _missing(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    import torch
+        return read_safetensors(path)  # float32 NumPy arrays, without torch
+    torch = require_torch(f"reading {path}")
 
     # train.py checkpoints carry its argparse.Namespace under "args".
     with torch.serialization.safe_globals([argparse.Namespace]):
@@ -361,13 +365,14 @@ def read_checkpoint(src, *, which: str = "ema") -> tuple[dict[str, np.ndarray], 
     """(a flat {key: float32 array}, the train.py "args" as a dict) from a file or a loaded
     object: a state_dict ({} args), or a train.py checkpoint dict from which entry `which` ("ema"
     or "model") is taken."""
-    import torch
-
     if which not in TRAIN_DICT_ENTRIES:
         raise ValueError(f"which must be one of {TRAIN_DICT_ENTRIES}, got {which!r}")
     obj = src if isinstance(src, Mapping) else _read_torch_file(Path(src))
     if not isinstance(obj, Mapping):
         raise ValueError(f"unknown checkpoint layout: a {type(obj).__name__}, not a dict")
+    if obj and all(isinstance(v, np.ndarray) for v in obj.values()):  # a .safetensors file
+        return dict(obj), {}
+    torch = require_torch("reading a PyTorch checkpoint")
     if all(isinstance(v, torch.Tensor) for v in obj.values()) and obj:
         state_dict = obj
     elif any(isinstance(obj.get(k), Mapping) for k in TRAIN_DICT_ENTRIES):
@@ -423,7 +428,7 @@ def from_state_dict(state_dict: Mapping[str, np.ndarray], args: Mapping[str, Any
 
 def to_torch(model: DiT) -> dict[str, Any]:
     """The official state_dict (pos_embed included) of `model`, float32 torch tensors."""
-    import torch
+    torch = require_torch("exporting PyTorch tensors")
 
     model = convert_blocks(model, scan_blocks=False)
     values = nnx.to_pure_dict(nnx.state(model))
@@ -451,13 +456,9 @@ def write_torch(state_dict: Mapping[str, Any], path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix in (".pt", ".pth"):
-        import torch
-
-        torch.save(state_dict, path)
+        require_torch(f"writing {path}").save(state_dict, path)
     elif path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        save_file(state_dict, str(path))
+        write_safetensors(state_dict, path)
     else:
         raise ValueError(
             f"{path}: unknown extension {path.suffix!r}; use .pt, .pth or .safetensors")
@@ -506,11 +507,18 @@ def diffusers_keys(depth: int) -> dict[str, tuple[str, int | None]]:
     return table
 
 
-def diffusers_to_official(state_dict: Mapping[str, np.ndarray],
-                          depth: int) -> dict[str, np.ndarray]:
+EMBEDDER_CHOICES = ("same", "block0")
+
+
+def diffusers_to_official(state_dict: Mapping[str, np.ndarray], depth: int, *,
+                          embedders: str = "same") -> dict[str, np.ndarray]:
     """Official-layout state_dict (without pos_embed) from a DiTTransformer2DModel state_dict.
-    The t/y embedders are stored once per block; block 0's are taken (as diffusers' final layer
-    does) and the others are checked against them."""
+    The t/y embedders are stored once per block and the DiT has one: with `embedders="same"` every
+    copy must equal block 0's (else a ValueError, since diffusers runs each block with its own
+    copy: another function than a DiT's); `embedders="block0"` takes block 0's (as diffusers'
+    final layer does) and only warns."""
+    if embedders not in EMBEDDER_CHOICES:
+        raise ValueError(f"embedders must be one of {EMBEDDER_CHOICES}, got {embedders!r}")
     table = diffusers_keys(depth)
     check_keys(state_dict, table,
                f"the state_dict does not match a {depth}-layer diffusers {DIFFUSERS_CLASS}")
@@ -528,14 +536,22 @@ def diffusers_to_official(state_dict: Mapping[str, np.ndarray],
                     f"{', '.join(map(str, shapes))}")
             out[f"blocks.{i}.attn.qkv.{p}"] = np.concatenate(  # rows [q | k | v]
                 [np.asarray(state_dict[name]) for name in names], axis=0)
+    differ = []
     for key, dst in _EMBEDDERS.items():
         first = state_dict[f"transformer_blocks.0.norm1.emb.{key}"]
-        for i in range(1, depth):
-            other = state_dict[f"transformer_blocks.{i}.norm1.emb.{key}"]
-            if other.shape != first.shape or not np.array_equal(other, first):
-                warnings.warn(f"transformer_blocks.{i}.norm1.emb.{key} differs from block 0's; the "
-                              f"model uses block 0's (as diffusers' final layer does)")
+        differ += [f"transformer_blocks.{i}.norm1.emb.{key}" for i in range(1, depth)
+                   if not np.array_equal(state_dict[f"transformer_blocks.{i}.norm1.emb.{key}"],
+                                         first)]
         out[dst] = first
+    if differ:
+        message = (f"{len(differ)} per-block embedder copies differ from block 0's (first: "
+                   f"{differ[0]}); diffusers runs each block with its own copy, a DiT has one "
+                   f"embedder, so no DiT computes this model's function")
+        if embedders == "same":
+            raise ValueError(f"{message}. To port it anyway with block 0's embedders (another "
+                             f"function), pass embedders='block0' (python -m dit_jax.port: "
+                             f"--embedders=block0)")
+        warnings.warn(f"{message}; using block 0's (embedders='block0')")
     return out
 
 
@@ -606,8 +622,6 @@ def save_diffusers(model: DiT, folder: str | os.PathLike) -> Path:
     """Write a diffusers DiTTransformer2DModel folder (config.json and
     diffusion_pytorch_model.safetensors) that `DiTTransformer2DModel.from_pretrained` and
     `from_diffusers` load."""
-    from safetensors.torch import save_file
-
     if model.config.numerics != "diffusers":
         warnings.warn(f"the model runs with numerics={model.config.numerics!r}; diffusers will run "
                       f"these weights with the diffusers numerics (about 2% different)")
@@ -615,8 +629,8 @@ def save_diffusers(model: DiT, folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file(state_dict, str(folder / "diffusion_pytorch_model.safetensors"),
-              metadata={"format": "pt"})
+    write_safetensors(state_dict, folder / "diffusion_pytorch_model.safetensors",
+                      metadata={"format": "pt"})
     return folder
 
 
@@ -646,12 +660,10 @@ def _diffusers_folder(folder_or_hub_id, download_help: str = DOWNLOAD_HELP) -> P
 
 def _read_diffusers_weights(folder: Path, download_help: str = DOWNLOAD_HELP
                             ) -> dict[str, np.ndarray]:
-    from safetensors.torch import load_file
-
     stem = "diffusion_pytorch_model"
     if (folder / f"{stem}.safetensors").is_file():
-        return {k: _numpy(v) for k, v in load_file(str(folder / f"{stem}.safetensors")).items()}
-    for index_name, reader in ((f"{stem}.safetensors.index.json", lambda f: load_file(str(f))),
+        return read_safetensors(folder / f"{stem}.safetensors")
+    for index_name, reader in ((f"{stem}.safetensors.index.json", read_safetensors),
                                (f"{stem}.bin.index.json", _read_torch_file)):
         if (folder / index_name).is_file():
             weight_map = json.loads((folder / index_name).read_text())["weight_map"]
@@ -666,7 +678,10 @@ def from_diffusers(folder_or_hub_id, *, numerics: str = "diffusers", name: str |
                    image_size: int | tuple[int, int] | None = None, **overrides) -> DiT:
     """A DiT from a diffusers DiTTransformer2DModel: a folder with config.json and
     diffusion_pytorch_model.safetensors (or .bin, or sharded), a pipeline folder with transformer/,
-    or a hub id. Runs with the diffusers numerics unless `numerics="official"` (see module doc)."""
+    or a hub id. Runs with the diffusers numerics unless `numerics="official"` (see module doc).
+    `embedders`: see `diffusers_to_official` (per-block embedder copies that differ are an error
+    unless "block0")."""
+    embedders = overrides.pop("embedders", "same")
     folder = _diffusers_folder(folder_or_hub_id)
     config = json.loads((folder / "config.json").read_text())
     # The hub's facebook/DiT-XL-2-* predate the class: diffusers remaps their Transformer2DModel
@@ -706,7 +721,7 @@ def from_diffusers(folder_or_hub_id, *, numerics: str = "diffusers", name: str |
                        class_dropout_prob=overrides.get("class_dropout_prob"), key=table))
     cfg = resolve_config(found, name=name, image_size=image_size, numerics=numerics, **overrides)
     _check_diffusers_shapes(weights, cfg)
-    state_dict = diffusers_to_official(weights, depth)
+    state_dict = diffusers_to_official(weights, depth, embedders=embedders)
     # diffusers recomputes the position table instead of storing it: it is the same sin-cos table.
     state_dict["pos_embed"] = sincos_2d(width, cfg.grid_size).astype(np.float32)[None]
     return _build(state_dict, cfg)
@@ -715,14 +730,6 @@ def from_diffusers(folder_or_hub_id, *, numerics: str = "diffusers", name: str |
 # --------------------------------------------------------------------------------------------
 # Any source
 # --------------------------------------------------------------------------------------------
-
-TORCH_SUFFIXES = (".pt", ".pth", ".safetensors")
-
-
-def looks_like_hub_id(spec: str) -> bool:
-    return (re.fullmatch(r"[\w.-]+/[\w.-]+", spec) is not None
-            and not spec.startswith(".") and not spec.endswith(TORCH_SUFFIXES))
-
 
 def load_any(spec, *, name: str | None = None, image_size: int | tuple[int, int] | None = None,
              which: str = "ema", **overrides) -> DiT:

@@ -47,7 +47,7 @@ from flax import nnx
 
 from dit_jax.models.pixart import PixArt, PixArtConfig
 from dit_jax.port import dit as dit_port
-from dit_jax.port.keys import check_keys
+from dit_jax.port.keys import check_keys, require_torch, write_safetensors
 
 DOWNLOAD_HELP = (
     "PixArt-α weights: the Hugging Face hub pipelines PixArt-alpha/PixArt-XL-2-512x512 and "
@@ -135,9 +135,9 @@ def diffusers_to_original(weights: Mapping[str, np.ndarray], depth: int,
 
 def original_to_diffusers(state_dict: Mapping[str, Any], depth: int,
                           micro_conditions: bool) -> dict[str, Any]:
-    """The diffusers state_dict of original-layout torch tensors (the fused ones split)."""
-    return {key: (state_dict[src].chunk(n, dim=0)[j] if n > 1 else state_dict[src]).clone()
-            .contiguous() for key, (src, j, n) in diffusers_keys(depth, micro_conditions).items()}
+    """The diffusers state_dict of original-layout arrays (the fused ones split)."""
+    return {key: np.ascontiguousarray(np.split(np.asarray(state_dict[src]), n, axis=0)[j])
+            for key, (src, j, n) in diffusers_keys(depth, micro_conditions).items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,21 +378,19 @@ def load_pixart(src, *, which: str | None = None, **overrides) -> PixArt:
 
 
 def to_original(model: PixArt) -> dict[str, Any]:
-    """The original state_dict of `model` (float32 torch tensors), pos_embed included."""
-    import torch
-
+    """The original state_dict of `model` (float32 NumPy arrays), pos_embed included."""
     values = nnx.to_pure_dict(nnx.state(model))
     out = {}
     for key, (path, kind) in original_keys(model.config).items():
         array = dit_port._to_torch_layout(np.asarray(jax.device_get(_node(values, path))), kind)
-        out[key] = torch.from_numpy(np.array(array, np.float32, order="C"))
+        out[key] = np.array(array, np.float32, order="C")
     side = model.config.base_size
-    out["pos_embed"] = torch.from_numpy(model.pos_embed((side, side)))
+    out["pos_embed"] = np.asarray(model.pos_embed((side, side)), np.float32)
     return out
 
 
 def to_diffusers(model: PixArt) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(config.json dict, state_dict of float32 torch tensors) of a diffusers
+    """(config.json dict, state_dict of float32 NumPy arrays) of a diffusers
     PixArtTransformer2DModel computing the same function (the null caption is not exported:
     diffusers has no place for it)."""
     cfg = model.config
@@ -432,16 +430,14 @@ def save_pixart(model: PixArt, dest: str | os.PathLike) -> Path:
     diffusers folder (config.json + diffusion_pytorch_model.safetensors) otherwise."""
     dest = Path(dest)
     if dest.suffix in (".pth", ".pt"):
-        import torch
-
+        torch = require_torch("writing a PixArt-α .pth checkpoint")
         dest.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"state_dict": to_original(model)}, dest)
+        torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in to_original(model).items()}},
+                   dest)
         return dest
-    from safetensors.torch import save_file
-
     config, state_dict = to_diffusers(model)
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file(state_dict, str(dest / "diffusion_pytorch_model.safetensors"),
-              metadata={"format": "pt"})
+    write_safetensors(state_dict, dest / "diffusion_pytorch_model.safetensors",
+                      metadata={"format": "pt"})
     return dest

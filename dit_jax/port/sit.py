@@ -32,6 +32,7 @@ import numpy as np
 
 from dit_jax.models.dit import NUMERICS, TIMESTEP_FREQ_DIM, DiT
 from dit_jax.port import dit as dit_port
+from dit_jax.port.keys import require_torch
 
 KINDS = ("dit", "sit", "repa")
 REPA_PREFIX = "projectors."
@@ -119,7 +120,7 @@ def to_torch(model: DiT, *, kind: str = "dit") -> dict[str, Any]:
     """The state_dict of `model` in the layout of `kind`: "dit"/"sit" the official layout; "repa"
     REPA's (time reversed back, only the in_channels velocity outputs, no projectors: REPA's code
     loads it with `load_state_dict(..., strict=False)`, the projectors being training-only)."""
-    import torch
+    torch = require_torch("exporting PyTorch tensors")
 
     _check_kind(kind)
     tensors = dit_port.to_torch(model)

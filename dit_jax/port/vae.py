@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dit_jax.port.keys import check_keys
+from dit_jax.port.keys import check_keys, read_safetensors, require_torch
+from dit_jax.port.paths import looks_like_hub_id, missing_path_message
 from dit_jax.models.vae import AutoencoderKL, VAEConfig
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -28,7 +29,6 @@ _SHARD_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 
 _LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 _LEGACY_RE = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
-_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 _HOW_TO = ("expected a diffusers AutoencoderKL folder with config.json and "
            "diffusion_pytorch_model.safetensors (or .bin), such as one downloaded from "
@@ -145,32 +145,20 @@ def vae_to_torch_state_dict(vae: AutoencoderKL) -> dict[str, np.ndarray]:
 def _read_weights(folder: Path) -> dict[str, Any]:
     safetensors_file = folder / WEIGHT_FILES[0]
     if safetensors_file.is_file():
-        return _read_safetensors(safetensors_file)
+        return read_safetensors(safetensors_file)
     index = folder / _SHARD_INDEX
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         out = {}
         for shard in shards:
-            out.update(_read_safetensors(folder / shard))
+            out.update(read_safetensors(folder / shard))
         return out
     bin_file = folder / WEIGHT_FILES[1]
     if bin_file.is_file():
-        try:
-            import torch
-        except ImportError as e:
-            raise ImportError(f"{bin_file} is a PyTorch pickle and needs torch to read; install "
-                              f"torch or convert it to safetensors") from e
+        torch = require_torch(f"{bin_file} (a PyTorch pickle; or convert it to safetensors)")
         return torch.load(bin_file, map_location="cpu", weights_only=True)
     raise FileNotFoundError(f"no VAE weights in {folder} (looked for {', '.join(WEIGHT_FILES)}): "
                             f"{_HOW_TO}")
-
-
-def _read_safetensors(path: Path) -> dict[str, Any]:
-    from safetensors import safe_open
-
-    # framework="flax" reads bfloat16 files too (numpy cannot), and needs no torch.
-    with safe_open(str(path), framework="flax") as f:
-        return {key: np.asarray(f.get_tensor(key).astype(jnp.float32)) for key in f.keys()}
 
 
 def _resolve_folder(path_or_hub_id: str | os.PathLike, subfolder: str | None) -> Path:
@@ -182,8 +170,8 @@ def _resolve_folder(path_or_hub_id: str | os.PathLike, subfolder: str | None) ->
         if not (folder / "config.json").is_file() and (folder / "vae" / "config.json").is_file():
             folder = folder / "vae"
         return folder
-    if not _HUB_ID_RE.match(spec):
-        raise FileNotFoundError(f"VAE path {spec!r} does not exist: {_HOW_TO}")
+    if not looks_like_hub_id(spec):
+        raise FileNotFoundError(f"{missing_path_message(spec, 'VAE path')}: {_HOW_TO}")
     return _download(spec, subfolder)
 
 

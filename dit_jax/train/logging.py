@@ -8,8 +8,12 @@ nothing.
                              and, at sample-grid steps on the built-in data, shape_score (the
                              fraction of grid samples that show the requested shape, clean) and
                              shape_accuracy (the fraction whose shape is the requested one)
-    WORKDIR/tensorboard/     the same scalars as TensorBoard events (train/<key>), and the sample
-                             grids as images (samples/grid)
+    WORKDIR/tensorboard/     the same scalars as TensorBoard events (train/<key>; not the Unix
+                             `time`), the sample grids as images (samples/grid) and the run's
+                             config as text (config)
+
+On a terminal the console shows a progress bar; otherwise (a file, a pipe, a batch scheduler's
+log) one plain line per logged step: `step 100/1200 (8%) loss 0.1234 ... eta 5m12s`.
 """
 
 from __future__ import annotations
@@ -65,7 +69,8 @@ class MetricWriter:
         self._file.flush()
         if self._tb is not None:
             for key, value in record.items():
-                if key != "step" and value is not None:
+                # `time` is a Unix time, for the JSONL reader: no curve to plot.
+                if key not in ("step", "time") and value is not None:
                     self._tb.add_scalar(f"train/{key}", value, step)
             self._tb.flush()
 
@@ -73,6 +78,12 @@ class MetricWriter:
         """An (H, W, 3) uint8 image to TensorBoard (JSONL holds numbers only)."""
         if self.enabled and self._tb is not None:
             self._tb.add_image(tag, image, step, dataformats="HWC")
+            self._tb.flush()
+
+    def write_text(self, step: int, tag: str, text: str) -> None:
+        """Text (markdown) to TensorBoard, e.g. the run's config."""
+        if self.enabled and self._tb is not None:
+            self._tb.add_text(tag, text, step)
             self._tb.flush()
 
     def close(self) -> None:
@@ -105,13 +116,22 @@ def _json_number(value):
 
 
 class Progress:
-    """A tqdm bar on host 0: steps with ETA, and the latest loss and throughput."""
+    """What host 0 shows while training: on a terminal a tqdm bar (steps, ETA, the latest loss and
+    throughput); elsewhere (`interactive` False: stdout or stderr is not a terminal) a plain line
+    per logged step on stdout, which files and batch schedulers' logs keep readable."""
 
-    def __init__(self, total: int, initial: int, enabled: bool = True):
+    def __init__(self, total: int, initial: int, enabled: bool = True,
+                 interactive: bool | None = None):
+        if interactive is None:
+            interactive = sys.stdout.isatty() and sys.stderr.isatty()
+        self.total, self.step, self.enabled = total, initial, enabled
+        self.interactive = interactive
+        self._start = (initial, time.perf_counter())
         self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
-                        disable=not enabled, smoothing=0.1)
+                        disable=not (enabled and interactive), smoothing=0.1)
 
     def update(self, n: int = 1) -> None:
+        self.step += n
         self.bar.update(n)
 
     def show(self, metrics: dict[str, Any]) -> None:
@@ -121,13 +141,41 @@ class Progress:
             shown["img/s"] = f"{metrics['images_per_sec']:.1f}"
         if metrics.get("mfu") is not None:
             shown["mfu"] = f"{100 * metrics['mfu']:.1f}%"
-        self.bar.set_postfix(shown, refresh=False)
+        if self.interactive:
+            self.bar.set_postfix(shown, refresh=False)
+            return
+        for key in ("grad_norm", "lr"):
+            if metrics.get(key) is not None:
+                shown[key] = f"{metrics[key]:.3g}"
+        done = self.step - self._start[0]
+        eta = ""
+        if done > 0 and self.step < self.total:
+            seconds = (time.perf_counter() - self._start[1]) / done * (self.total - self.step)
+            eta = f" eta {format_duration(seconds)}"
+        self.write(f"step {self.step}/{self.total} ({100 * self.step // max(self.total, 1)}%) "
+                   + " ".join(f"{k} {v}" for k, v in shown.items()) + eta)
 
     def write(self, message: str) -> None:
-        self.bar.write(message)
+        if not self.enabled:
+            return
+        if self.interactive:
+            self.bar.write(message)
+        else:
+            print(message, flush=True)
 
     def close(self) -> None:
         self.bar.close()
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
 
 
 class Throughput:

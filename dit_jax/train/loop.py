@@ -51,7 +51,7 @@ from dit_jax.port.vae import load_vae
 from dit_jax.sampling import ChunkSampler, Decoder, load_vae_decoder, make_grid, save_png
 from dit_jax.sharding import host_batch_rows, make_mesh, model_buffers, shard_batch, state_shardings
 from dit_jax.transport import create_transport
-from dit_jax.train.logging import MetricWriter, Progress, Throughput
+from dit_jax.train.logging import MetricWriter, Progress, Throughput, read_log
 from dit_jax.train.state import (abstract_train_state, create_train_state, make_optimizer,
                                  model_config_from)
 from dit_jax.train.step import StepConfig, lower_train_step
@@ -68,7 +68,8 @@ class NonFiniteLossError(FloatingPointError):
 
 def train(config, workdir: str | os.PathLike) -> dict[str, Any]:
     """Train (or resume) the run of `config` in `workdir`. Returns {"step": the last step,
-    "status": "completed" | "preempted", "metrics": the last logged metrics}."""
+    "start": the step it began at, "status": "completed" | "preempted" | "complete" (nothing
+    to do: the workdir had finished total_steps before), "metrics": the last logged metrics}."""
     workdir = Path(workdir).absolute()
     config = config.copy_and_resolve_references()  # resolved below; the caller's stays as given
 
@@ -111,6 +112,10 @@ def _run(config, workdir: Path, source: Source, model_cfg: DiTConfig, mesh: Mesh
                                    init_params=_initial_params(config, model_cfg))
         data_state = None
     start = int(jax.device_get(state.step))
+    if start >= total_steps:  # a finished run: nothing to compile or load
+        checkpoints.close()
+        return {"step": start, "start": start, "status": "complete",
+                "metrics": next((r for r in reversed(read_log(workdir)) if "loss" in r), {})}
 
     rows = host_batch_rows(mesh, global_batch)
     log.info("process %d of %d: %d of %d devices, mesh %s; loads rows [%d, %d) of each batch",
@@ -145,6 +150,7 @@ def _run(config, workdir: Path, source: Source, model_cfg: DiTConfig, mesh: Mesh
 
     # 5. The loop.
     writer = MetricWriter(workdir, resume_step=start, enabled=host0)
+    writer.write_text(start, "config", f"```\n{config.to_json_best_effort(indent=2)}\n```")
     progress = Progress(total_steps, start, enabled=host0)
     throughput = Throughput(global_batch_size=global_batch,
                             flops_per_image=train_flops_per_image(model_cfg),
@@ -213,7 +219,7 @@ def _run(config, workdir: Path, source: Source, model_cfg: DiTConfig, mesh: Mesh
         preemption.close()
         progress.close()
         writer.close()
-    return {"step": step, "status": status, "metrics": last_logged}
+    return {"step": step, "start": start, "status": status, "metrics": last_logged}
 
 
 # --------------------------------------------------------------------------------------------
