@@ -186,6 +186,28 @@ def test_fresh_model_outputs(block):
         assert np.isfinite(out).all() and np.abs(out).std() > 0.1
 
 
+def test_training_config_checkpoints_and_weight_formats_know_the_block():
+    from configs import dit as dit_configs
+    from dit_jax.checkpoint.model import config_from_dict, config_to_dict
+    from dit_jax.port.dit import official_keys
+    from dit_jax.train.state import model_config_from
+
+    config = dit_configs.get_config("S/8")
+    assert config.model.block == "adaln_zero"
+    config.model.block = "in_context"
+    cfg = model_config_from(config, num_classes=10, in_channels=4, input_size=8)
+    assert cfg.block == "in_context"
+    assert config_from_dict(config_to_dict(cfg)).block == "in_context"  # model_config.json
+    fields = config_to_dict(cfg)
+    del fields["block"]  # a checkpoint written before the field existed: the released block
+    assert config_from_dict(fields).block == "adaln_zero"
+    with pytest.raises(ValueError, match="only the released adaLN-Zero"):
+        official_keys(cfg)  # no official / diffusers layout for the other blocks
+    config.model.block = "film"
+    with pytest.raises(ValueError, match="model.block must be one of"):
+        model_config_from(config, num_classes=10, in_channels=4, input_size=8)
+
+
 # --------------------------------------------------------------------------------------------
 # FLOPs
 
@@ -224,8 +246,9 @@ def test_forward_macs_equal_the_traced_matmuls(block):
         x = jax.ShapeDtypeStruct((1, height, width, 4), jnp.float32)  # MACs of ONE image
         t = y = jax.ShapeDtypeStruct((1,), jnp.int32)
         graphdef, state = nnx.split(model)
-        fn = lambda s, x, t, y: nnx.merge(graphdef, s)(x, t, y if cfg.num_classes else None)  # noqa: E731
-        jaxpr = jax.make_jaxpr(fn)(state, x, t, y)
+        labels = y if cfg.num_classes else None
+        jaxpr = jax.make_jaxpr(lambda s, x, t, y: nnx.merge(graphdef, s)(x, t, y))(
+            state, x, t, labels)
         assert matmul_macs(jaxpr.jaxpr) == forward_macs(cfg)
 
 
