@@ -43,6 +43,10 @@ def base_config() -> ml_collections.ConfigDict:
     # compiler partitions the scanned form badly under fsdp (XL/2 on 8 H100s, batch 256: 151 GiB
     # per GPU instead of 19 GiB, see BENCHMARKS.md), so it stays off by default: set it for TPUs.
     c.model.scan_blocks = False
+    # How the blocks are conditioned on (t, y): "adaln_zero" (the released model), or one of the
+    # paper's other three, never released: "adaln", "cross_attention", "in_context"
+    # (docs/blocks.md). Official weights exist only for "adaln_zero".
+    c.model.block = "adaln_zero"
     # Plain hyper-parameters for custom sizes; used when name is "" (None means: from name).
     c.model.hidden_size = ml_collections.FieldReference(None, field_type=int)
     c.model.depth = ml_collections.FieldReference(None, field_type=int)

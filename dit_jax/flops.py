@@ -4,7 +4,8 @@ The paper's "Gflops" are multiply-accumulates (MACs) of one forward pass of one 
 over the matrix products: every Linear and the patch convolution, plus the two attention
 products (QKᵀ and AV, T²·D each). Element-wise work (norms, softmax, activations, modulation) is
 not counted. This count reproduces the paper's table (XL/2 256 px: 118.64; B/4: 5.56; S/2: 6.06)
-to within 0.1%.
+to within 0.1%, and follows the block kind (`DiTConfig.block`): the paper's cross-attention block
+costs XL/2 about 16% more, in-context 0.6% more, adaLN slightly less (docs/blocks.md#cost).
 
 Model FLOPs of one training step = 6 × forward MACs × images: 2 FLOPs per MAC, and the backward
 pass costs twice the forward; recomputation under remat is not counted, as usual for MFU.
@@ -18,22 +19,38 @@ from dit_jax.models.dit import TIMESTEP_FREQ_DIM, DiTConfig
 
 
 def forward_macs(cfg: DiTConfig) -> int:
-    """Multiply-accumulates of one forward pass of one image."""
+    """Multiply-accumulates of one forward pass of one image, for the block kind `cfg.block`
+    (docs/blocks.md#cost)."""
     d, p = cfg.hidden_size, cfg.patch_size
     gh, gw = cfg.grid_size
     tokens = gh * gw
     mlp = int(d * cfg.mlp_ratio)
+    context = 2 if cfg.num_classes > 0 else 1  # conditioning tokens: [t_emb, y_emb] or [t_emb]
+
+    def transformer(n):  # self-attention and MLP over n tokens
+        return (n * d * 3 * d  # qkv
+                + 2 * n * n * d  # QKᵀ and attention-weighted V
+                + n * d * d  # attention output projection
+                + 2 * n * d * mlp)  # MLP
 
     patch_embed = tokens * (p * p * cfg.in_channels) * d
     timestep_mlp = TIMESTEP_FREQ_DIM * d + d * d
-    per_block = (
-        d * 6 * d  # adaLN modulation (once per image, not per token)
-        + tokens * d * 3 * d  # qkv
-        + 2 * tokens * tokens * d  # QKᵀ and attention-weighted V
-        + tokens * d * d  # attention output projection
-        + 2 * tokens * d * mlp  # MLP
-    )
-    final = d * 2 * d + tokens * d * (p * p * cfg.out_channels)
+    if cfg.block == "adaln_zero":
+        per_block = d * 6 * d + transformer(tokens)  # the modulation: once per image, not per token
+    elif cfg.block == "adaln":
+        per_block = d * 4 * d + transformer(tokens)  # shift and scale only, no gates
+    elif cfg.block == "cross_attention":
+        per_block = transformer(tokens) + (
+            2 * tokens * d * d  # queries and output projection, per image token
+            + 2 * context * d * d  # keys and values of the conditioning tokens
+            + 2 * tokens * context * d)  # QKᵀ and attention-weighted V over those few keys
+    elif cfg.block == "in_context":
+        per_block = transformer(tokens + context)  # the conditioning tokens join the sequence
+    else:
+        raise ValueError(f"unknown block {cfg.block!r}")
+    final = tokens * d * (p * p * cfg.out_channels)
+    if cfg.block in ("adaln_zero", "adaln"):
+        final += d * 2 * d  # the final layer's adaptive shift and scale
     return patch_embed + timestep_mlp + cfg.depth * per_block + final
 
 

@@ -46,6 +46,16 @@ TIMESTEP_FREQ_DIM = 256
 NORM_EPS = 1e-6
 ATTENTION_IMPLS = ("xla", "cudnn", "splash", "auto")
 
+# The paper's four ways of feeding (t, y) to the blocks (its section 3.2; docs/blocks.md). Only
+# adaLN-Zero was released: it is the default, with the official numerics and weights.
+#   adaln_zero       c = t_emb + y_emb regresses shift, scale and a zero-initialised gate per branch
+#   adaln            c regresses shift and scale only (no gates, ordinary initialisation)
+#   cross_attention  plain pre-norm blocks with a cross-attention to the 2 tokens [t_emb, y_emb]
+#   in_context       t_emb and y_emb join the image tokens as 2 extra tokens; plain ViT blocks
+BLOCK_TYPES = ("adaln_zero", "adaln", "cross_attention", "in_context")
+# The blocks whose conditioning is the vector c (the others take the tokens [t_emb, y_emb]).
+ADALN_BLOCKS = ("adaln_zero", "adaln")
+
 
 @dataclasses.dataclass(frozen=True)
 class DiTConfig:
@@ -72,6 +82,7 @@ class DiTConfig:
     # jax.checkpoint_policies policy (e.g. "dots_with_no_batch_dims_saveable") keeps what it saves.
     remat: bool | str = False
     scan_blocks: bool = False  # one stacked block scanned `depth` times (faster compiles)
+    block: str = "adaln_zero"  # how the blocks are conditioned: one of BLOCK_TYPES
 
     def __post_init__(self):
         size = self.input_size
@@ -86,6 +97,8 @@ class DiTConfig:
             raise ValueError("hidden_size must be divisible by 4 for the 2-D sin-cos embedding")
         if self.numerics not in NUMERICS:
             raise ValueError(f"numerics must be one of {sorted(NUMERICS)}, got {self.numerics!r}")
+        if self.block not in BLOCK_TYPES:
+            raise ValueError(f"block must be one of {BLOCK_TYPES}, got {self.block!r}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, "
                              f"got {self.attention_impl!r}")
@@ -168,6 +181,19 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
     return x * (1 + scale[:, None]) + shift[:, None]
 
 
+class LayerNorm(nnx.Module):
+    """LayerNorm with a learned scale (initially 1) and offset (initially 0), in float32: the norm
+    of the standard, unmodulated blocks (cross-attention and in-context conditioning)."""
+
+    def __init__(self, hidden_size: int, *, eps: float = NORM_EPS):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((hidden_size,), jnp.float32), **_meta("embed"))
+        self.bias = nnx.Param(jnp.zeros((hidden_size,), jnp.float32), **_meta("embed"))
+
+    def __call__(self, x):
+        return layer_norm(x, self.eps) * self.scale[...] + self.bias[...]
+
+
 class TimestepEmbedder(nnx.Module):
     def __init__(self, hidden_size: int, *, freq_shift: float, rngs: nnx.Rngs):
         init = nnx.initializers.normal(0.02)
@@ -247,6 +273,31 @@ class Attention(nnx.Module):
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, width // self.num_heads)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         out = dot_product_attention(q, k, v, self.implementation)
+        return self.proj(out.reshape(batch, tokens, width))
+
+
+class CrossAttention(nnx.Module):
+    """Multi-head attention from the tokens x (N, T, D) to a context sequence (N, L, D): queries
+    from x, keys and values from the context (separate Linear layers with bias, head-major
+    features), softmax scale head_dim^-0.5, output Linear(D, D)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, *, dtype, rngs: nnx.Rngs):
+        self.num_heads = num_heads
+        self.q = _linear(hidden_size, hidden_size, rngs=rngs, names=("embed", "qkv"), dtype=dtype)
+        self.k = _linear(hidden_size, hidden_size, rngs=rngs, names=("embed", "qkv"), dtype=dtype)
+        self.v = _linear(hidden_size, hidden_size, rngs=rngs, names=("embed", "qkv"), dtype=dtype)
+        self.proj = _linear(hidden_size, hidden_size, rngs=rngs, names=("heads", "embed"),
+                            dtype=dtype)
+
+    def __call__(self, x, context):
+        batch, tokens, width = x.shape
+        heads = (self.num_heads, width // self.num_heads)
+        q = self.q(x).reshape(batch, tokens, *heads)
+        k = self.k(context).reshape(batch, context.shape[1], *heads)
+        v = self.v(context).reshape(batch, context.shape[1], *heads)
+        # XLA's attention whatever attention_impl says: the context is a couple of tokens, where a
+        # flash kernel saves nothing (and the splash kernel wants as many keys as queries).
+        out = dot_product_attention(q, k, v, "xla")
         return self.proj(out.reshape(batch, tokens, width))
 
 
@@ -376,17 +427,29 @@ class Mlp(nnx.Module):
         return self.fc2(nnx.gelu(self.fc1(x), approximate=True))
 
 
+# --------------------------------------------------------------------------------------------
+# The blocks: one class per conditioning of the paper (DiTConfig.block; docs/blocks.md). Each is
+# called as block(x, c) with x the (N, T, D) tokens and c what DiT.embed gives for that kind.
+# The residual stream, norms and modulation stay float32; only the attention and MLP matmuls run
+# in the compute dtype.
+
+
+def _attention_and_mlp(cfg: DiTConfig, rngs: nnx.Rngs) -> tuple[Attention, Mlp]:
+    d = cfg.hidden_size
+    attn = Attention(d, cfg.num_heads, dtype=cfg.dtype, implementation=cfg.attention_impl,
+                     rngs=rngs)
+    return attn, Mlp(d, int(d * cfg.mlp_ratio), dtype=cfg.dtype, rngs=rngs)
+
+
 class DiTBlock(nnx.Module):
-    """adaLN-Zero block. The residual stream, norms and modulation stay float32; only the
-    attention and MLP matmuls run in the compute dtype."""
+    """adaLN-Zero block, as released: c (N, D) regresses shift, scale and gate of each branch from
+    a zero-initialised Linear, so a fresh block is the identity."""
 
     def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
         d = cfg.hidden_size
         self.mlp_norm_eps = NUMERICS[cfg.numerics]["mlp_norm_eps"]
         self.dtype = cfg.dtype
-        self.attn = Attention(d, cfg.num_heads, dtype=cfg.dtype, implementation=cfg.attention_impl,
-                              rngs=rngs)
-        self.mlp = Mlp(d, int(d * cfg.mlp_ratio), dtype=cfg.dtype, rngs=rngs)
+        self.attn, self.mlp = _attention_and_mlp(cfg, rngs)
         self.adaLN_modulation = _linear(d, 6 * d, rngs=rngs, names=("embed", "modulation"),
                                         kernel_init=nnx.initializers.zeros_init())
 
@@ -402,18 +465,98 @@ class DiTBlock(nnx.Module):
         return x + gate_mlp[:, None] * mlp.astype(jnp.float32)
 
 
+class AdaLNBlock(nnx.Module):
+    """The paper's adaLN block: c (N, D) regresses only the shift and scale of the two LayerNorms
+    (one Linear(D, 4D) on SiLU(c), cut into shift_msa, scale_msa, shift_mlp, scale_mlp). No gates
+    on the residual branches and the ordinary xavier-uniform initialisation: a fresh block is not
+    the identity."""
+
+    def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        self.dtype = cfg.dtype
+        self.attn, self.mlp = _attention_and_mlp(cfg, rngs)
+        self.adaLN_modulation = _linear(d, 4 * d, rngs=rngs, names=("embed", "modulation"))
+
+    def __call__(self, x, c):
+        shift_msa, scale_msa, shift_mlp, scale_mlp = jnp.split(
+            self.adaLN_modulation(nnx.silu(c)), 4, axis=-1)
+        h = modulate(layer_norm(x, NORM_EPS), shift_msa, scale_msa)
+        x = x + self.attn(h.astype(self.dtype)).astype(jnp.float32)
+        h = modulate(layer_norm(x, NORM_EPS), shift_mlp, scale_mlp)
+        return x + self.mlp(h.astype(self.dtype)).astype(jnp.float32)
+
+
+class CrossAttentionBlock(nnx.Module):
+    """The paper's cross-attention block: a standard pre-norm transformer block (learned-affine
+    LayerNorms, no modulation) with a multi-head cross-attention after the self-attention, as in
+    the original transformer's decoder and LDM's class-conditional blocks. c is the conditioning
+    sequence (N, L, D), [t_emb, y_emb] (L = 2; L = 1, t_emb alone, for an unconditional model)."""
+
+    def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        self.dtype = cfg.dtype
+        self.attn, self.mlp = _attention_and_mlp(cfg, rngs)
+        self.cross_attn = CrossAttention(d, cfg.num_heads, dtype=cfg.dtype, rngs=rngs)
+        self.norm1, self.norm2, self.norm3 = LayerNorm(d), LayerNorm(d), LayerNorm(d)
+
+    def __call__(self, x, c):
+        dtype = self.dtype
+        x = x + self.attn(self.norm1(x).astype(dtype)).astype(jnp.float32)
+        x = x + self.cross_attn(self.norm2(x).astype(dtype), c.astype(dtype)).astype(jnp.float32)
+        return x + self.mlp(self.norm3(x).astype(dtype)).astype(jnp.float32)
+
+
+class InContextBlock(nnx.Module):
+    """The block of the paper's in-context conditioning: a standard pre-norm ViT block
+    (learned-affine LayerNorms, no modulation). The conditioning is already in the sequence (the
+    model appends t_emb and y_emb as tokens), so c is ignored."""
+
+    def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        self.dtype = cfg.dtype
+        self.attn, self.mlp = _attention_and_mlp(cfg, rngs)
+        self.norm1, self.norm2 = LayerNorm(d), LayerNorm(d)
+
+    def __call__(self, x, c=None):
+        x = x + self.attn(self.norm1(x).astype(self.dtype)).astype(jnp.float32)
+        return x + self.mlp(self.norm2(x).astype(self.dtype)).astype(jnp.float32)
+
+
+BLOCKS = {"adaln_zero": DiTBlock, "adaln": AdaLNBlock, "cross_attention": CrossAttentionBlock,
+          "in_context": InContextBlock}
+
+
 class FinalLayer(nnx.Module):
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, *, rngs: nnx.Rngs):
-        zeros = nnx.initializers.zeros_init()
+    """adaLN final layer: modulate(LN(x), shift, scale) with (shift, scale) regressed from c, then
+    Linear(D, p·p·out). As released (adaLN-Zero) both Linears start at zero; the paper's adaLN
+    model (`zero_init=False`) gives them the ordinary xavier-uniform initialisation."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, *, rngs: nnx.Rngs,
+                 zero_init: bool = True):
+        init = nnx.initializers.zeros_init() if zero_init else nnx.initializers.xavier_uniform()
         self.adaLN_modulation = _linear(hidden_size, 2 * hidden_size, rngs=rngs,
-                                        names=("embed", "modulation"), kernel_init=zeros)
+                                        names=("embed", "modulation"), kernel_init=init)
         self.linear = _linear(hidden_size, patch_size * patch_size * out_channels, rngs=rngs,
-                              names=("embed", "patch_out"), kernel_init=zeros)
+                              names=("embed", "patch_out"), kernel_init=init)
 
     def __call__(self, x, c):
         modulation = constrain(self.adaLN_modulation(nnx.silu(c)), VECTOR_AXES)  # (N, 2D)
         shift, scale = jnp.split(modulation, 2, axis=-1)
         return self.linear(modulate(layer_norm(x, NORM_EPS), shift, scale))
+
+
+class NormFinalLayer(nnx.Module):
+    """Final layer of the unmodulated (cross-attention, in-context) models: the paper's decoder
+    applies "the final layer norm (adaptive if using adaLN)", so here a standard learned-affine
+    LayerNorm, then Linear(D, p·p·out) (xavier-uniform). c is ignored."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, *, rngs: nnx.Rngs):
+        self.norm = LayerNorm(hidden_size)
+        self.linear = _linear(hidden_size, patch_size * patch_size * out_channels, rngs=rngs,
+                              names=("embed", "patch_out"))
+
+    def __call__(self, x, c=None):
+        return self.linear(self.norm(x))
 
 
 def unpatchify(tokens: jax.Array, grid_size: tuple[int, int], patch_size: int) -> jax.Array:
@@ -431,7 +574,8 @@ def unpatchify(tokens: jax.Array, grid_size: tuple[int, int], patch_size: int) -
 
 
 class DiT(nnx.Module):
-    """Diffusion Transformer with adaLN-Zero conditioning, NHWC.
+    """Diffusion Transformer, NHWC, its blocks conditioned as `config.block` says (adaLN-Zero, the
+    released model, by default; docs/blocks.md for the paper's other three).
 
     `model(x, t, y, train=False, rngs=None)`: x (N, H, W, in_channels); t (N,) timesteps of the
     ORIGINAL 1000-step process (int or float); y (N,) int labels, y == num_classes is the null
@@ -467,8 +611,12 @@ class DiT(nnx.Module):
         if cfg.scan_blocks:
             self.blocks = _stacked_blocks(cfg, rngs)
         else:
-            self.blocks = nnx.List([DiTBlock(cfg, rngs=rngs) for _ in range(cfg.depth)])
-        self.final_layer = FinalLayer(d, p, cfg.out_channels, rngs=rngs)
+            self.blocks = nnx.List([BLOCKS[cfg.block](cfg, rngs=rngs) for _ in range(cfg.depth)])
+        if cfg.block in ADALN_BLOCKS:
+            self.final_layer = FinalLayer(d, p, cfg.out_channels, rngs=rngs,
+                                          zero_init=cfg.block == "adaln_zero")
+        else:
+            self.final_layer = NormFinalLayer(d, p, cfg.out_channels, rngs=rngs)
 
     @property
     def null_label(self) -> int:
@@ -479,16 +627,22 @@ class DiT(nnx.Module):
         return self.y_embedder.null_label
 
     def embed(self, x, t, y, *, train: bool = False, rngs=None):
-        """Token sequence (N, T, D) and conditioning vector c (N, D)."""
+        """Token sequence (N, T, D) and the conditioning: for the adaLN blocks the vector
+        c = t_emb + y_emb (N, D); for cross-attention and in-context the sequence [t_emb, y_emb]
+        (N, 2, D) ([t_emb], (N, 1, D), for an unconditional model)."""
         cfg = self.config
         x = self.x_embedder(x.astype(jnp.float32))  # (N, H/p, W/p, D)
         x = x.reshape(x.shape[0], -1, cfg.hidden_size) + self.pos_embed[...]  # (N, T, D)
         c = self.t_embedder(t)  # (N, D)
+        embeddings = [c]
         if self.y_embedder is not None:
             key = None
             if train and rngs is not None:
                 key = rngs.dropout() if isinstance(rngs, nnx.Rngs) else rngs
-            c = c + self.y_embedder(y, train=train, key=key)  # (N, D)
+            embeddings.append(self.y_embedder(y, train=train, key=key))  # (N, D)
+            c = c + embeddings[-1]  # (N, D)
+        if cfg.block not in ADALN_BLOCKS:
+            c = jnp.stack(embeddings, axis=1)  # (N, L, D)
         return x, c
 
     def __call__(self, x, t, y=None, *, train: bool = False, rngs=None):
@@ -502,7 +656,14 @@ class DiT(nnx.Module):
         return unpatchify(out, cfg.grid_size, cfg.patch_size)  # (N, H, W, out_channels)
 
     def run_blocks(self, x, c):
+        """The blocks on the tokens x (N, T, D) with the conditioning c of `embed`; (N, T, D)."""
         cfg = self.config
+        extra = 0
+        if cfg.block == "in_context":
+            # t_emb and y_emb join the sequence as extra tokens (no position embedding), seen by
+            # every block like image tokens, and leave it again before the final layer.
+            extra = c.shape[1]
+            x, c = jnp.concatenate([x, c.astype(x.dtype)], axis=1), None
         if cfg.scan_blocks:
             # A plain lax.scan over the stacked state rather than nnx.scan: nnx.scan refuses
             # variables created at an outer trace level, so a scanned DiT could not be called
@@ -513,24 +674,26 @@ class DiT(nnx.Module):
                 return nnx.merge(graphdef, layer)(carry, c), None
             if cfg.remat:
                 body = jax.checkpoint(body, policy=self._remat_policy())
-            return jax.lax.scan(body, x, stacked)[0]
-        for block in self.blocks:
-            x = (nnx.remat(type(block).__call__, policy=self._remat_policy())(block, x, c)
-                 if cfg.remat else block(x, c))
-        return x
+            x = jax.lax.scan(body, x, stacked)[0]
+        else:
+            for block in self.blocks:
+                x = (nnx.remat(type(block).__call__, policy=self._remat_policy())(block, x, c)
+                     if cfg.remat else block(x, c))
+        return x[:, :-extra] if extra else x
 
     def _remat_policy(self):
         remat = self.config.remat
         return getattr(jax.checkpoint_policies, remat) if isinstance(remat, str) else None
 
 
-def _stacked_blocks(cfg: DiTConfig, rngs: nnx.Rngs) -> DiTBlock:
-    """One DiTBlock whose parameters carry a leading `layers` axis of length depth."""
+def _stacked_blocks(cfg: DiTConfig, rngs: nnx.Rngs) -> nnx.Module:
+    """One block (of the kind cfg.block) whose parameters carry a leading `layers` axis of length
+    depth."""
 
     @nnx.split_rngs(splits=cfg.depth)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make(rngs):
-        return DiTBlock(cfg, rngs=rngs)
+        return BLOCKS[cfg.block](cfg, rngs=rngs)
 
     return make(rngs)
 

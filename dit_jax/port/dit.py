@@ -206,6 +206,11 @@ def label_fields(rows: int | None, *, num_classes: int | None = None,
 
 def official_keys(cfg: DiTConfig) -> dict[str, tuple[tuple, str]]:
     """Official state_dict key → (path in the model's pure dict with a block list, conversion)."""
+    if cfg.block != "adaln_zero":
+        raise ValueError(
+            f"the official (and diffusers) weight layout holds only the released adaLN-Zero "
+            f"blocks; this DiT has block={cfg.block!r}: keep it in dit_jax's own model "
+            f"checkpoint format (dit_jax.checkpoint.save_model)")
     table: dict[str, tuple[tuple, str]] = {
         "pos_embed": (("pos_embed",), "copy"),
         "x_embedder.proj.weight": (("x_embedder", "kernel"), "conv"),

@@ -18,7 +18,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from dit_jax.models.dit import DIT_CONFIGS, DiT, DiTConfig, split_model
+from dit_jax.models.dit import BLOCK_TYPES, DIT_CONFIGS, DiT, DiTConfig, split_model
 from dit_jax.sharding import place, state_shardings
 
 # Independent streams derived from the run seed (the data order uses the seed directly).
@@ -58,13 +58,16 @@ def model_config_from(config, *, num_classes: int, in_channels: int, input_size:
     missing = [k for k in ("hidden_size", "depth", "num_heads", "patch_size") if k not in fields]
     if missing:
         raise ValueError(f"model.name is empty, so model.{', model.'.join(missing)} must be set")
+    block = m.get("block", "adaln_zero")
+    if block not in BLOCK_TYPES:
+        raise ValueError(f"model.block must be one of {BLOCK_TYPES}, got {block!r}")
     if m.dtype not in _DTYPES:
         raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {m.dtype!r}")
     return DiTConfig(
         input_size=input_size, in_channels=in_channels, num_classes=num_classes,
         class_dropout_prob=float(m.class_dropout_prob), learn_sigma=bool(m.learn_sigma),
         dtype=_DTYPES[m.dtype], attention_impl=m.attention_impl, remat=parse_remat(m.remat),
-        scan_blocks=bool(m.scan_blocks), **fields)
+        scan_blocks=bool(m.scan_blocks), block=block, **fields)
 
 
 def parse_remat(value: str) -> bool | str:
