@@ -296,7 +296,8 @@ def test_remat_and_scanned_gradients_equal_plain(block):
 
 
 @pytest.mark.parametrize("block", BLOCKS)
-def test_sharded_forward_equals_single_device(block):
+@pytest.mark.parametrize("shape", [(1, 4, 2), (2, 2, 2)])
+def test_sharded_forward_equals_single_device(block, shape):
     model = small_model(block)
     x, t, y = small_inputs(n=8)
     graphdef, state = nnx.split(model)
@@ -305,7 +306,7 @@ def test_sharded_forward_equals_single_device(block):
         return nnx.merge(graphdef, state)(x, t, y)
 
     reference = jax.jit(forward)(state, x, t, y)
-    mesh = sharding.make_mesh(1, 4, 2)
+    mesh = sharding.make_mesh(*shape)
     state_sh = sharding.state_shardings(state, mesh)
     batch_sh, label_sh = sharding.batch_sharding(mesh, 4), sharding.batch_sharding(mesh, 1)
     with jax.set_mesh(mesh):

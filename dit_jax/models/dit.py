@@ -479,11 +479,11 @@ class AdaLNBlock(nnx.Module):
 
     def __call__(self, x, c):
         shift_msa, scale_msa, shift_mlp, scale_mlp = jnp.split(
-            self.adaLN_modulation(nnx.silu(c)), 4, axis=-1)
+            constrain(self.adaLN_modulation(nnx.silu(c)), VECTOR_AXES), 4, axis=-1)
         h = modulate(layer_norm(x, NORM_EPS), shift_msa, scale_msa)
-        x = x + self.attn(h.astype(self.dtype)).astype(jnp.float32)
+        x = x + constrain(self.attn(h.astype(self.dtype)), TOKENS_AXES).astype(jnp.float32)
         h = modulate(layer_norm(x, NORM_EPS), shift_mlp, scale_mlp)
-        return x + self.mlp(h.astype(self.dtype)).astype(jnp.float32)
+        return x + constrain(self.mlp(h.astype(self.dtype)), TOKENS_AXES).astype(jnp.float32)
 
 
 class CrossAttentionBlock(nnx.Module):
@@ -501,9 +501,10 @@ class CrossAttentionBlock(nnx.Module):
 
     def __call__(self, x, c):
         dtype = self.dtype
-        x = x + self.attn(self.norm1(x).astype(dtype)).astype(jnp.float32)
-        x = x + self.cross_attn(self.norm2(x).astype(dtype), c.astype(dtype)).astype(jnp.float32)
-        return x + self.mlp(self.norm3(x).astype(dtype)).astype(jnp.float32)
+        x = x + constrain(self.attn(self.norm1(x).astype(dtype)), TOKENS_AXES).astype(jnp.float32)
+        x = x + constrain(self.cross_attn(self.norm2(x).astype(dtype), c.astype(dtype)),
+                          TOKENS_AXES).astype(jnp.float32)
+        return x + constrain(self.mlp(self.norm3(x).astype(dtype)), TOKENS_AXES).astype(jnp.float32)
 
 
 class InContextBlock(nnx.Module):
@@ -518,8 +519,10 @@ class InContextBlock(nnx.Module):
         self.norm1, self.norm2 = LayerNorm(d), LayerNorm(d)
 
     def __call__(self, x, c=None):
-        x = x + self.attn(self.norm1(x).astype(self.dtype)).astype(jnp.float32)
-        return x + self.mlp(self.norm2(x).astype(self.dtype)).astype(jnp.float32)
+        x = x + constrain(self.attn(self.norm1(x).astype(self.dtype)),
+                          TOKENS_AXES).astype(jnp.float32)
+        return x + constrain(self.mlp(self.norm2(x).astype(self.dtype)),
+                             TOKENS_AXES).astype(jnp.float32)
 
 
 BLOCKS = {"adaln_zero": DiTBlock, "adaln": AdaLNBlock, "cross_attention": CrossAttentionBlock,
