@@ -180,3 +180,106 @@ def test_vae_with_nan_weights_or_broken_config_is_refused(tmp_path):
     config.write_text(json.dumps(VAE_CONFIG))
     with pytest.raises(ValueError, match="is not a readable .safetensors file"):
         load_vae(folder)
+
+
+# --- latent shards and labels -------------------------------------------------------------------
+
+def _latents_folder(path, labels=((0, 1), (2, 0)), num_classes=3, poison=None):
+    """A latents folder written by hand as extract_latents lays it out: 2 shards of 2 examples
+    of (2, 2, 4) latents; `poison` (shard, example) gets a NaN moment."""
+    from dit_jax.data.latents import FORMAT, MANIFEST, labels_file, moments_file
+
+    path.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    shards = []
+    for k, shard_labels in enumerate(labels):
+        moments = rng.standard_normal((len(shard_labels), 2, 2, 2, 2, 4)).astype(np.float32)
+        moments[:, :, 1] = np.abs(moments[:, :, 1])
+        if poison is not None and poison[0] == k:
+            moments[poison[1], 1, 0, 1, 0, 2] = np.nan
+        np.save(path / moments_file(k), moments)
+        np.save(path / labels_file(k), np.asarray(shard_labels, np.int32))
+        shards.append({"moments": moments_file(k), "labels": labels_file(k),
+                       "count": len(shard_labels)})
+    manifest = {"format": FORMAT, "image_size": 16, "latent_shape": [2, 2, 4], "count": 4,
+                "scaling_factor": 0.18215, "class_names": [f"c{i}" for i in range(num_classes)],
+                "shards": shards}
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    return path
+
+
+def test_latent_labels_outside_the_classes_name_the_shard(tmp_path):
+    from dit_jax.data import make_batches
+    from dit_jax.data.latents import LatentSource
+
+    good = LatentSource(_latents_folder(tmp_path / "good"))
+    assert [int(good[i]["y"]) for i in range(4)] == [0, 1, 2, 0]
+    # 3 == num_classes is the null class's row, -1 its last row: both trained as "no label".
+    for name, labels, num_classes, shown in (
+            ("null", ((0, 1), (3, 0)), 3, r"outside \[0, 3\) for its 3 classes, the first 3"),
+            ("minus", ((0, -1), (2, 0)), 3, r"outside \[0, 3\) for its 3 classes, the first -1"),
+            ("flat", ((0, 0), (0, 1)), 0, r"outside 0 \(the data is unconditional\)")):
+        source = LatentSource(_latents_folder(tmp_path / name, labels, num_classes))
+        shard = "labels_00001.npy" if name != "minus" else "labels_00000.npy"
+        with pytest.raises(ValueError, match=rf"{name}/{shard}: 1 label\(s\) {shown}"):
+            [source[i] for i in range(4)]
+        loader = make_batches(source, global_batch_size=4, seed=0, host_rows=(0, 4))
+        with pytest.raises(Exception, match=shard):  # through grain as well
+            next(loader)
+        loader.close()
+
+
+def test_nan_latents_and_truncated_shards_name_the_file(tmp_path):
+    from dit_jax.data.latents import LatentSource
+
+    source = LatentSource(_latents_folder(tmp_path / "nan", poison=(1, 1)))
+    assert np.isfinite(source[0]["moments"]).all()  # shard 0 is clean
+    with pytest.raises(ValueError, match=r"nan/moments_00001.npy: example 1 of this shard holds "
+                                         r"NaN/Inf moments"):
+        source[2]
+    folder = _latents_folder(tmp_path / "cut")
+    data = (folder / "moments_00001.npy").read_bytes()
+    (folder / "moments_00001.npy").write_bytes(data[:-100])
+    (folder / "labels_00000.npy").write_bytes(b"not numpy")
+    source = LatentSource(folder)
+    with pytest.raises(ValueError, match=r"cut/moments_00001.npy is truncated or not a .npy file "
+                                         r"\(\d+ of the \d+ bytes its header announces\); delete "
+                                         r"it and shard_00001.json"):
+        source[3]
+    with pytest.raises(ValueError, match=r"cut/labels_00000.npy is truncated or not a .npy file"):
+        source[0]
+
+
+class _LabelledSource:
+    """A plain source (grain's protocol) whose labels are wrong for its class count."""
+
+    num_classes = 3
+    element_shape = (2, 2, 1)
+    class_names = ("a", "b", "c")
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        return {"x": np.zeros(self.element_shape, np.float32), "y": np.int32([0, 1, 2, 7][index])}
+
+    def __repr__(self):
+        return "_LabelledSource()"
+
+
+class _LabelledBatchSource(_LabelledSource):
+    def get_batch(self, indices):
+        records = [self[int(i)] for i in indices]
+        return {"x": np.stack([r["x"] for r in records]), "y": np.asarray([r["y"] for r in records])}
+
+
+def test_any_source_with_a_label_outside_its_classes_stops(tmp_path):
+    from dit_jax.data import Batches
+    from dit_jax.data.pipeline import Loader
+
+    for loader in (Batches(_LabelledBatchSource(), global_batch_size=4, seed=0),
+                   Loader(_LabelledSource(), global_batch_size=4, seed=0, host_rows=(0, 4))):
+        with pytest.raises(ValueError, match=r"a batch of _LabelledSource\(\): 1 label\(s\) outside "
+                                             r"\[0, 3\) for its 3 classes, the first 7"):
+            next(loader)
+        loader.close()
