@@ -283,3 +283,29 @@ def test_any_source_with_a_label_outside_its_classes_stops(tmp_path):
                                              r"\[0, 3\) for its 3 classes, the first 7"):
             next(loader)
         loader.close()
+
+
+@pytest.mark.slow
+def test_union_over_two_processes(tmp_path):
+    """The distinct-skipped-files count of several hosts: the union of their sets, not the sum."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    script = ("import sys, jax\n"
+              "from dit_jax.distributed import union_over_hosts\n"
+              "i = int(sys.argv[1])\n"
+              f"jax.distributed.initialize('localhost:{port}', num_processes=2, process_id=i)\n"
+              "mine = [{3, 5, 9}, {5, 11}][i]\n"
+              "print(sorted(union_over_hosts(mine)), sorted(union_over_hosts(set())))\n")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(i)], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-2000:]
+        assert out.strip().splitlines()[-1] == "[3, 5, 9, 11] []", out[-2000:]

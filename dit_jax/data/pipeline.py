@@ -31,13 +31,12 @@ import sys
 from typing import Any, Sequence
 
 import grain
-import jax
 import numpy as np
 from absl import flags
-from jax.experimental import multihost_utils
 
 from dit_jax.data.epochs import batches_per_epoch, stream_position
 from dit_jax.data.source import check_labels
+from dit_jax.distributed import union_over_hosts
 from dit_jax.sharding import default_host_rows
 
 
@@ -86,17 +85,6 @@ def _count_skipped(record: dict[str, Any]) -> dict[str, Any]:
     if "bad_index" not in record:
         record = dict(record, bad_index=np.int64(-1))
     return record
-
-
-def union_over_hosts(values: set[int]) -> set[int]:
-    """The union of every process's set of non-negative integers (a collective)."""
-    if jax.process_count() == 1:
-        return set(values)
-    longest = int(np.max(multihost_utils.process_allgather(np.asarray(len(values), np.int64))))
-    padded = np.full(max(longest, 1), -1, np.int64)
-    padded[:len(values)] = sorted(values)
-    gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(-1)
-    return {int(v) for v in gathered if v >= 0}
 
 
 def check_batch_labels(source, batch: dict[str, np.ndarray]) -> None:
