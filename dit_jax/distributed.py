@@ -56,6 +56,17 @@ def sum_over_hosts(value: int) -> int:
     return int(np.sum(multihost_utils.process_allgather(np.asarray(value, np.int64))))
 
 
+def union_over_hosts(values: set[int]) -> set[int]:
+    """The union of every process's set of non-negative integers."""
+    if jax.process_count() == 1:
+        return set(values)
+    longest = int(np.max(multihost_utils.process_allgather(np.asarray(len(values), np.int64))))
+    padded = np.full(max(longest, 1), -1, np.int64)  # the same shape on every process
+    padded[:len(values)] = sorted(values)
+    gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(-1)
+    return {int(v) for v in gathered if v >= 0}
+
+
 def wait_for_every_host(name: str) -> None:
     """A barrier named `name` (the same name on every process)."""
     if jax.process_count() > 1:
@@ -68,4 +79,4 @@ def gather_rows(array: jax.Array) -> np.ndarray:
 
 
 __all__ = ["gather_rows", "initialize_distributed", "on_every_host", "sum_over_hosts",
-           "wait_for_every_host"]
+           "union_over_hosts", "wait_for_every_host"]

@@ -195,7 +195,12 @@ def extract(data: str | os.PathLike, out: str | os.PathLike, *, image_size: int,
             k, start, stop = int(batch["shard"]), int(batch["start"]), int(batch["stop"])
             valid = batch["valid"][: stop - start]
             parts = shard_parts.setdefault(k, [])
-            parts.append((np.asarray(moments)[: stop - start][valid].astype(store),
+            encoded = np.asarray(moments)[: stop - start][valid]
+            with np.errstate(over="ignore"):  # an overflow is reported by check_encoded
+                stored = encoded.astype(store)
+            check_encoded(encoded, stored,
+                          [source.paths[i] for i in range(start, stop) if valid[i - start]])
+            parts.append((stored,
                           source.labels[start:stop][valid],
                           [source.paths[i] for i in range(start, stop) if not valid[i - start]]))
             bar.update(stop - start)
@@ -226,6 +231,19 @@ def extract(data: str | os.PathLike, out: str | os.PathLike, *, image_size: int,
         log.info("wrote %d latents (%d images skipped) to %s", manifest["count"],
                  manifest["skipped"], out)
     return manifest
+
+
+def check_encoded(moments: np.ndarray, stored: np.ndarray, paths: Sequence[str]) -> None:
+    """Refuse to write NaN/Inf moments (`moments` as encoded, `stored` in the storage dtype, one
+    row per file of `paths`): they would reach training as a NaN loss far from their cause."""
+    for name, values in (("the VAE encoder gave", moments), ("float16 storage makes", stored)):
+        finite = np.isfinite(values).reshape(len(values), -1).all(axis=1)
+        if not finite.all():
+            bad = [paths[i] for i in np.flatnonzero(~finite)]
+            fix = ("check the VAE weights and use --vae-dtype float32" if values is moments else
+                   "the values exceed float16's range: extract with --dtype float32")
+            raise ValueError(f"{name} NaN/Inf moments for {bad[0]} ({len(bad)} file(s) of this "
+                             f"batch): {fix}")
 
 
 def _write_shard(out: Path, k: int, parts: list, span: tuple[int, int], latent_shape, store) -> None:

@@ -3,6 +3,7 @@
 
 import json
 import logging
+import os
 import shutil
 
 import ml_collections
@@ -204,7 +205,7 @@ class IndexSource:
 
     def __init__(self, n):
         self.n = n
-        self.num_classes = 0
+        self.num_classes = n  # label i: one class per example
         self.element_shape = (1,)
 
     def __len__(self):
@@ -312,7 +313,9 @@ def test_folder_loader_flips_and_resumes_exactly(tmp_path):
         return loader, first, state, after
 
     loader, first, state, after = run(workers=0)
-    assert loader.skipped == 4 and state["skipped"] == 2  # each bad file once per epoch
+    bad = sorted(i for i, p in enumerate(source.paths) if "img_90" in p)
+    # Each bad file met in both epochs counts once.
+    assert loader.skipped == 2 and state["skipped"] == 2 and state["skipped_examples"] == bad
     flips = 0
     for batch in first + after:
         assert batch["x"].shape == (6, 16, 16, 3) and batch["x"].dtype == np.float32
@@ -340,7 +343,7 @@ def test_folder_loader_flips_and_resumes_exactly(tmp_path):
             got = next(resumed)
             np.testing.assert_array_equal(got["x"], expected["x"])
             np.testing.assert_array_equal(got["y"], expected["y"])
-        assert resumed.skipped == 4 and resumed.next_batch == 6
+        assert resumed.skipped == 2 and resumed.next_batch == 6
         resumed.close()
     with pytest.raises(ValueError, match="seed"):
         Loader(source, global_batch_size=6, seed=4, host_rows=(0, 6)).set_state(state)
@@ -428,3 +431,101 @@ def test_folder_with_corrupt_files_trains_reports_skipped_and_resumes_exactly(tm
     last = read_log(work)[-1]
     assert last["step"] == 3 and last["skipped"] == expected_skipped[-1]
     np.testing.assert_allclose(last["loss"], log[-1]["loss"], rtol=1e-6)
+
+
+# --- edge cases: link loops, 16-bit files, huge images, distinct skipped files ------------------
+
+def test_directory_symlink_loops_are_listed_once(tmp_path, caplog):
+    root = make_image_folder(tmp_path / "data", {"a": 3, "b": 2}, extras=False)
+    # One link per directory: without the check the walk follows each some 40 levels deep (two
+    # in one directory would branch at every level).
+    (root / "a" / "up").symlink_to(root, target_is_directory=True)  # a/up/a/up/..., a/up/b
+    (root / "b" / "sub").mkdir()
+    draw_image(np.random.default_rng(1), 20, 20).save(root / "b" / "sub" / "x.png")
+    (root / "b" / "sub" / "again").symlink_to(root / "b" / "sub", target_is_directory=True)
+    with caplog.at_level(logging.WARNING, logger="dit_jax.data.folder"):
+        paths, labels, names = scan_folder(root)
+    assert names == ["a", "b"] and labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert [os.path.relpath(p, root) for p in paths] == [
+        "a/img_000.png", "a/img_001.jpg", "a/img_002.jpg", "b/img_000.png", "b/img_001.jpg",
+        "b/sub/x.png"]
+    assert sum("symlink loop" in m for m in caplog.messages) == 2  # a/up and b/sub/again
+    (tmp_path / "flat").mkdir()
+    draw_image(np.random.default_rng(2), 20, 20).save(tmp_path / "flat" / "y.png")
+    (tmp_path / "flat" / "self").symlink_to(tmp_path / "flat", target_is_directory=True)
+    assert len(scan_folder(tmp_path / "flat", class_folders=False)[0]) == 1
+
+
+def _png16(path, pixels):
+    """A 16-bit PNG (PIL writes 16-bit grayscale but not 16-bit RGB), written chunk by chunk."""
+    import struct
+    import zlib
+
+    h, w, c = pixels.shape
+    raw = b"".join(b"\0" + pixels[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, {1: 0, 3: 2}[c], 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))
+
+
+def test_sixteen_bit_images_are_scaled_to_eight_bits(tmp_path):
+    from dit_jax.data.transforms import load_rgb
+
+    values = np.arange(0, 65536, 257 * 15, dtype=np.uint16)[None, :].repeat(3, 0)  # 0 .. 65535
+    Image.fromarray(values).save(tmp_path / "gray16.png")  # PIL mode I;16
+    assert Image.open(tmp_path / "gray16.png").mode == "I;16"
+    expected = np.rint(values / 257.0).astype(np.uint8)
+    np.testing.assert_array_equal(np.asarray(load_rgb(tmp_path / "gray16.png")),
+                                  np.repeat(expected[..., None], 3, -1))
+    _png16(tmp_path / "gray16b.png", values[..., None])  # 16-bit grayscale written by hand
+    np.testing.assert_array_equal(np.asarray(load_rgb(tmp_path / "gray16b.png"))[..., 0], expected)
+    rgb = np.stack([values, values[:, ::-1], np.full_like(values, 1999)], -1)
+    _png16(tmp_path / "rgb16.png", rgb)
+    got = np.asarray(load_rgb(tmp_path / "rgb16.png")).astype(int)
+    assert np.abs(got - rgb / 257.0).max() <= 1  # PIL keeps the high byte: within one level
+    # and through the data source: a mid-gray 16-bit file is mid-gray, not white
+    (tmp_path / "flat").mkdir()
+    Image.fromarray(np.full((20, 20), 32896, np.uint16)).save(tmp_path / "flat" / "mid.png")
+    x = ImageFolderSource(tmp_path / "flat", 8, class_folders=False)[0]["x"]
+    np.testing.assert_allclose(x, 128 / 255 * 2 - 1, atol=1e-6)
+
+
+def test_huge_images_are_reduced_on_decode(tmp_path, caplog, monkeypatch):
+    import dit_jax.data.transforms as transforms
+
+    image = draw_image(np.random.default_rng(3), 300, 260)
+    image.save(tmp_path / "big.jpg", quality=95)
+    image.save(tmp_path / "big.png")
+    image.resize((60, 52)).save(tmp_path / "small.png")
+    monkeypatch.setattr(transforms, "_warned_large", False)
+    with caplog.at_level(logging.WARNING, logger="dit_jax.data.transforms"):
+        for name in ("big.jpg", "big.png", "big.png"):
+            # 260 px ≥ 8 × 16: decoded at 1/4 (JPEG DCT scaling) or box-reduced by 4 (PNG).
+            reduced = transforms.load_rgb(tmp_path / name, 16)
+            assert reduced.size == (75, 65), name
+            full = transforms.center_crop_arr(transforms.load_rgb(tmp_path / name), 16)
+            crop = transforms.preprocess(tmp_path / name, 16)
+            # The same averages of the same pixels, rounded at other steps.
+            assert np.abs(crop - transforms.normalize(full)).mean() < 0.02, name
+    assert sum("far larger than" in m for m in caplog.messages) == 1  # once per process
+    assert transforms.load_rgb(tmp_path / "small.png", 16).size == (60, 52)  # 52 < 8 × 16
+    assert transforms.load_rgb(tmp_path / "big.png", 64).size == (300, 260)
+
+
+def test_skipped_count_counts_distinct_files(tmp_path):
+    root = make_image_folder(tmp_path / "data", {"a": 3, "b": 3}, corrupt={"a/img_900.jpg": "text"})
+    source = ImageFolderSource(root, 8)  # 7 files, 1 bad: met once in each of 10 epochs
+    loader = Loader(source, global_batch_size=7, seed=0, host_rows=(0, 7))
+    for _ in range(10):
+        next(loader)
+    assert loader.skipped == 1 and loader.sync_skipped() == 1
+    assert loader.get_state()["skipped_examples"] == [source.paths.index(str(root / "a/img_900.jpg"))]
+    loader.close()
+    legacy = Loader(source, global_batch_size=7, seed=0, host_rows=(0, 7))
+    legacy.set_state({"next_batch": 10, "skipped": 9, "seed": 0, "global_batch_size": 7})
+    assert legacy.skipped == 9  # a state from before the files were listed keeps its count

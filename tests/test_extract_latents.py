@@ -297,3 +297,17 @@ def test_training_on_latents_equals_training_with_on_the_fly_encoding(extracted,
         np.testing.assert_allclose([r[key] for r in from_latents], [r[key] for r in on_the_fly],
                                    rtol=1e-6, err_msg=key)
     assert len({round(r["loss"], 6) for r in from_latents}) == 3  # three batches, not one
+
+
+def test_nan_or_float16_overflowing_moments_are_not_written(extracted, tmp_path):
+    data = make_image_folder(tmp_path / "flat", flat=2, seed=5)
+    kwargs = dict(image_size=SIZE, vae="tiny", batch_size=1, shard_size=64, num_workers=0,
+                  progress=False)
+    for name, bias, dtype, message in (
+            ("nan", np.nan, "float32", "the VAE encoder gave NaN/Inf moments for .*img_\\d+"),
+            ("big", 1e5, "float16", "float16 storage makes NaN/Inf moments for .*--dtype float32")):
+        vae = load_vae(extracted["vae_dir"])
+        vae.quant_conv.bias[...] = jnp.full(vae.quant_conv.bias.shape, bias, jnp.float32)
+        with pytest.raises(ValueError, match=message):
+            extract(data, tmp_path / name, dtype=dtype, vae_module=vae, **kwargs)
+        assert not list((tmp_path / name).glob("moments_*.npy"))

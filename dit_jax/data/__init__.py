@@ -37,7 +37,7 @@ from dit_jax.data.builtin import (BuiltinShapes, classify_image, judge_shape, sh
 from dit_jax.data.epochs import batches_per_epoch, stream_position
 from dit_jax.data.folder import ImageFolderSource, class_folders_for
 from dit_jax.data.latents import LatentSource
-from dit_jax.data.pipeline import Loader
+from dit_jax.data.pipeline import Loader, check_batch_labels
 from dit_jax.data.synthetic import SyntheticLatents
 
 
@@ -125,6 +125,7 @@ class Batches:
 
     def __next__(self) -> dict[str, np.ndarray]:
         batch = get_batch(self.source, self.indices(self.next_batch))
+        check_batch_labels(self.source, batch)
         self.next_batch += 1
         return batch
 

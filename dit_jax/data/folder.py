@@ -11,9 +11,9 @@ Two layouts:
 
 Files are recognised by extension (torchvision's list). A file that cannot be decoded at read
 time (truncated, not an image despite its name, unreadable) is logged once per process and
-replaced by the next readable example, and the record says so (`"skipped": 1`): batches keep
-their size, a run never stops on one bad file, and the pipeline adds the flags up so the train
-loop can report how many examples were skipped.
+replaced by the next readable example, and the record says so (`"skipped": 1`, and the bad
+file's index in `"bad_index"`, else -1): batches keep their size, a run never stops on one bad
+file, and the pipeline counts the distinct bad files so the train loop can report them.
 """
 
 from __future__ import annotations
@@ -41,11 +41,28 @@ def is_image_file(name: str) -> bool:
     return name.lower().endswith(IMG_EXTENSIONS)
 
 
-def _walk_images(directory: Path) -> tuple[list[str], int]:
+def _walk_images(directory: Path, seen: set[str]) -> tuple[list[str], int]:
     """Sorted image paths under `directory` (recursively, following links, as ImageFolder does)
-    and the number of other files ignored."""
+    and the number of other files ignored. A directory below `directory` whose real path is in
+    `seen` (a link back to a parent, or to a directory listed already) is skipped with a warning:
+    os.walk would follow a link loop some 40 levels deep and list the same images at every level.
+    """
+    walked, repeated = [], []
+    for root, dirs, names in os.walk(directory, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen and root != str(directory):
+            dirs[:] = []
+            repeated.append(root)
+            continue
+        seen.add(real)
+        dirs.sort()  # a deterministic walk, so the same copy of a repeated directory is kept
+        walked.append((root, names))
+    if repeated:
+        log.warning("%s: skipped %d linked director%s already listed under another path (a "
+                    "symlink loop or a second link to the same folder), e.g. %s", directory,
+                    len(repeated), "y" if len(repeated) == 1 else "ies", repeated[0])
     files, ignored = [], 0
-    for root, _, names in sorted(os.walk(directory, followlinks=True)):
+    for root, names in sorted(walked):
         for name in sorted(names):
             if is_image_file(name):
                 files.append(os.path.join(root, name))
@@ -80,8 +97,11 @@ def scan_folder(root: str | os.PathLike, class_folders: bool | None = None
     if class_folders is None:
         class_folders = bool(subdirs) and not top_images
 
+    # Real paths of the directories listed (each is listed once), the root's and the class
+    # folders' from the start: a link to one of them inside a class folder is a loop or a copy.
+    seen = {os.path.realpath(root)}
     if not class_folders:
-        paths, ignored = _walk_images(root)
+        paths, ignored = _walk_images(root, seen)
         if not paths:
             raise ValueError(f"no images in {str(root)!r} (looked for {', '.join(IMG_EXTENSIONS)})")
         if ignored:
@@ -94,8 +114,9 @@ def scan_folder(root: str | os.PathLike, class_folders: bool | None = None
         log.warning("%s: %d images directly in the root are not in a class folder and are ignored",
                     root, len(top_images))
     paths, labels, empty, ignored_total = [], [], [], 0
+    seen.update(os.path.realpath(root / name) for name in subdirs)
     for index, name in enumerate(subdirs):
-        files, ignored = _walk_images(root / name)
+        files, ignored = _walk_images(root / name, seen)
         ignored_total += ignored
         if not files:
             empty.append(name)
@@ -111,7 +132,8 @@ def scan_folder(root: str | os.PathLike, class_folders: bool | None = None
 
 class ImageFolderSource:
     """Random access to the ADM-cropped images of a folder: record i is
-    {"x": (S, S, 3) float32 in [-1, 1], "y": int32 label, "skipped": 0 or 1}, before the random
+    {"x": (S, S, 3) float32 in [-1, 1], "y": int32 label, "skipped": 0 or 1, "bad_index": the
+    index of the unreadable file replaced, else -1}, before the random
     flip (`augment` does that, so the pipeline can seed it per example)."""
 
     def __init__(self, root: str | os.PathLike, image_size: int, *,
@@ -151,7 +173,7 @@ class ImageFolderSource:
         skipped = image is None
         if skipped and not self.replace_unreadable:
             return {"x": np.zeros(self.element_shape, np.float32), "y": np.int32(self.labels[index]),
-                    "skipped": np.int32(1)}
+                    "skipped": np.int32(1), "bad_index": np.int64(index)}
         source_index = index
         # Deterministic stand-in: the next readable file, so the batch (and every host's view of
         # it) does not depend on timing or on which worker hit the bad file.
@@ -162,7 +184,8 @@ class ImageFolderSource:
                 break
         if image is None:
             raise RuntimeError(f"no readable image in {self.root!r}: all {len(self)} files failed")
-        return {"x": image, "y": np.int32(self.labels[source_index]), "skipped": np.int32(skipped)}
+        return {"x": image, "y": np.int32(self.labels[source_index]), "skipped": np.int32(skipped),
+                "bad_index": np.int64(index if skipped else -1)}
 
     def augment(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         """RandomHorizontalFlip(p=0.5), as released; off with random_flip=False (data whose

@@ -16,16 +16,23 @@ run seed and the stream position, so a run is reproducible and resumes exactly),
 2× the storage of a single sample. Both orientations are stored because the encoder is not
 mirror-equivariant: the latent of a flipped image is not the flipped latent, and the random flip
 must stay the released one.
+
+A shard is checked when a process first opens it: a file shorter than its .npy header says (an
+interrupted copy), labels outside [0, number of classes) and NaN/Inf moments are errors that name
+the file, instead of an mmap error, a label that trains as the null class, or a NaN loss.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from dit_jax.data.source import label_error
 
 MANIFEST = "manifest.json"
 FORMAT = "dit_jax-latents-v1"
@@ -44,6 +51,56 @@ def moments_file(shard: int) -> str:
 
 def labels_file(shard: int) -> str:
     return f"labels_{shard:05d}.npy"
+
+
+# Examples per step of the finite check of a shard: bounded memory, whatever the shard size.
+_CHECK_ROWS = 256
+
+
+def _redo(path: Path) -> str:
+    shard = path.stem.rsplit("_", 1)[-1]
+    return (f"delete it and shard_{shard}.json next to it, then run `python -m "
+            f"dit_jax.extract_latents` again with the same --data/--out: it encodes only the "
+            f"missing shard")
+
+
+def load_npy(path: str | os.PathLike, *, mmap: bool = False) -> np.ndarray:
+    """np.load of a shard file, with one-line errors naming it: a file shorter than its header
+    announces (an interrupted copy) or not a .npy file at all."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            header = {(1, 0): np.lib.format.read_array_header_1_0,
+                      (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if header is not None:
+                shape, _, dtype = header(f)
+                expected = f.tell() + math.prod(shape) * dtype.itemsize
+                size = os.fstat(f.fileno()).st_size
+                if size < expected:
+                    raise EOFError(f"{size} of the {expected} bytes its header announces")
+        return np.load(path, mmap_mode="r" if mmap else None)
+    except (ValueError, OSError, EOFError) as err:
+        raise ValueError(f"{path} is truncated or not a .npy file ({err}); {_redo(path)}") from None
+
+
+def check_shard(moments_path: str | os.PathLike, moments: np.ndarray,
+                labels_path: str | os.PathLike, labels: np.ndarray, num_classes: int) -> None:
+    """A shard's labels inside [0, num_classes) and its moments finite (read in bounded steps)."""
+    problem = label_error(labels, num_classes)
+    if problem is not None:
+        raise ValueError(f"{labels_path}: {problem} (the manifest's class_names); this shard "
+                         f"does not belong to this latents folder or is damaged: "
+                         f"{_redo(Path(labels_path))}")
+    for start in range(0, len(moments), _CHECK_ROWS):
+        block = np.asarray(moments[start:start + _CHECK_ROWS])
+        finite = np.isfinite(block).reshape(len(block), -1).all(axis=1)
+        if not finite.all():
+            first = start + int(np.argmin(finite))
+            raise ValueError(f"{moments_path}: example {first} of this shard holds NaN/Inf "
+                             f"moments; the encoder overflowed (extract with --dtype float32 "
+                             f"and a float32 VAE) or the file is damaged: "
+                             f"{_redo(Path(moments_path))}")
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
@@ -120,12 +177,16 @@ class LatentSource:
     def _shard(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
         if shard not in self._open:
             moments_name, labels_name = self._shard_files[shard]
-            moments = np.load(os.path.join(self.path, moments_name), mmap_mode="r")
-            labels = np.load(os.path.join(self.path, labels_name))
+            moments_path = os.path.join(self.path, moments_name)
+            labels_path = os.path.join(self.path, labels_name)
+            moments = load_npy(moments_path, mmap=True)
+            labels = load_npy(labels_path)
             expected = (int(self._starts[shard + 1] - self._starts[shard]), 2, 2) + self.element_shape
             if moments.shape != expected or labels.shape != expected[:1]:
-                raise ValueError(f"{self.path}/{moments_name} has shape {moments.shape} (labels "
+                raise ValueError(f"{moments_path} has shape {moments.shape} (labels "
                                  f"{labels.shape}); the manifest says {expected}")
+            # Once per shard and process: a worker reads its shards whole here, then at random.
+            check_shard(moments_path, moments, labels_path, labels, self.num_classes)
             self._open[shard] = (moments, labels)
         return self._open[shard]
 
@@ -147,5 +208,5 @@ class LatentSource:
                 "y": record["y"]}
 
 
-__all__ = ["FORMAT", "LatentSource", "MANIFEST", "MANIFEST_STORED", "labels_file", "moments_file",
-           "read_manifest", "sample_latent"]
+__all__ = ["FORMAT", "LatentSource", "MANIFEST", "MANIFEST_STORED", "check_shard", "labels_file",
+           "load_npy", "moments_file", "read_manifest", "sample_latent"]

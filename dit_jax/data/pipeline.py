@@ -16,8 +16,10 @@ augmentation's random numbers are keyed by the stream position, so a flip is rep
 Batching happens before the worker split (workers take whole batches in turn), so the worker
 count does not change any batch either.
 
-The iterator state is a small JSON-able dict, {"next_batch", "skipped", "seed",
-"global_batch_size"} (the format of `dit_jax.data.Batches` too): saved in a checkpoint and set on a
+The iterator state is a small JSON-able dict, {"next_batch", "skipped", "skipped_examples",
+"seed", "global_batch_size"} (the format of `dit_jax.data.Batches` too, less the skipped ones):
+"skipped" counts the distinct unreadable files met so far, "skipped_examples" lists their
+indices, so a file met in every epoch counts once: saved in a checkpoint and set on a
 fresh `Loader`, it continues with exactly the next batch, because a batch is random access in
 grain (the restored pipeline starts at a slice of the batch dataset). It is the same on every
 host and does not depend on the worker, thread or host counts, so a run may resume with others.
@@ -33,7 +35,8 @@ import numpy as np
 from absl import flags
 
 from dit_jax.data.epochs import batches_per_epoch, stream_position
-from dit_jax.distributed import sum_over_hosts
+from dit_jax.data.source import check_labels
+from dit_jax.distributed import union_over_hosts
 from dit_jax.sharding import default_host_rows
 
 
@@ -76,16 +79,26 @@ def ensure_absl_flags_parsed() -> None:
 
 
 def _count_skipped(record: dict[str, Any]) -> dict[str, Any]:
-    # Sources without bad-file handling still yield the key, so every batch has one layout.
+    # Sources without bad-file handling still yield the keys, so every batch has one layout.
     if "skipped" not in record:
         record = dict(record, skipped=np.int32(0))
+    if "bad_index" not in record:
+        record = dict(record, bad_index=np.int64(-1))
     return record
+
+
+def check_batch_labels(source, batch: dict[str, np.ndarray]) -> None:
+    """Every label of `batch` inside [0, source.num_classes): a source's own checks (a latent
+    shard's, when it opens) name the file; this one covers any other grain source."""
+    if "y" in batch and getattr(source, "num_classes", None) is not None:
+        check_labels(batch["y"], source.num_classes, f"a batch of {source!r}")
 
 
 class Loader:
     """Iterator over this host's rows of every global batch of `source`: dicts of stacked
     arrays ({"x": (rows, ...) float32, "y": (rows,) int32, ...}); the per-example "skipped"
-    flags are taken out of the batch and added up in `skipped`.
+    flags and "bad_index" entries are taken out of the batch, and `skipped` counts the distinct
+    unreadable files (one met in every epoch is one).
 
     source: grain RandomAccessDataSource of dict records; its `augment(record, rng)` (if any)
     turns a record into a training example (random flip, posterior sample), with a generator
@@ -111,8 +124,9 @@ class Loader:
         self.seed = int(seed)
         self.rows = (int(lo), int(hi))
         self.num_workers = int(num_workers)
-        self._skipped_base = 0  # every host's skipped examples up to the last sync_skipped()
-        self._skipped_local = 0  # this host's since then
+        self._bad_synced: set[int] = set()  # every host's unreadable files up to the last sync
+        self._bad_local: set[int] = set()  # this host's since then
+        self._skipped_legacy = 0  # a count restored from a state that lists no files
         self.next_batch = 0
 
         ensure_absl_flags_parsed()
@@ -149,28 +163,31 @@ class Loader:
         # they are freed. A batch that JAX still holds at exit (the CPU backend can alias host
         # memory) would leave them behind ("resource_tracker: ... leaked shared_memory").
         batch = {k: np.array(v) for k, v in next(self._iterator).items()}
-        self._skipped_local += int(np.sum(batch.pop("skipped")))
+        batch.pop("skipped")
+        self._bad_local.update(int(i) for i in batch.pop("bad_index") if i >= 0)
+        check_batch_labels(self.source, batch)
         self.next_batch += 1
         return batch
 
     @property
     def skipped(self) -> int:
-        """Examples skipped as unreadable: every host's up to the last `sync_skipped`, plus this
+        """Distinct unreadable files met: every host's up to the last `sync_skipped`, plus this
         host's since (with one process: all of them)."""
-        return self._skipped_base + self._skipped_local
+        return self._skipped_legacy + len(self._bad_synced | self._bad_local)
 
     def sync_skipped(self) -> int:
-        """The run's total of skipped examples over all hosts. With several processes this is a
-        collective: call it on every host at the same point (the train loop does, before it logs
-        or saves), after which `get_state` holds the same total on every host."""
-        self._skipped_base += sum_over_hosts(self._skipped_local)
-        self._skipped_local = 0
+        """The run's count of distinct unreadable files over all hosts. With several processes
+        this is a collective: call it on every host at the same point (the train loop does,
+        before it logs or saves), after which `get_state` is the same on every host."""
+        self._bad_synced |= union_over_hosts(self._bad_local)
+        self._bad_local = set()
         return self.skipped
 
     def get_state(self) -> dict[str, Any]:
         # The same on every host (all have read as many batches), so the one copy a checkpoint
         # keeps restores every host, whatever its rows, worker count or the number of hosts.
-        return {"next_batch": self.next_batch, "skipped": self.skipped, "seed": self.seed,
+        return {"next_batch": self.next_batch, "skipped": self.skipped,
+                "skipped_examples": sorted(self._bad_synced | self._bad_local), "seed": self.seed,
                 "global_batch_size": self.global_batch_size}
 
     def set_state(self, state: dict[str, Any]) -> None:
@@ -181,8 +198,11 @@ class Loader:
                                  f"{value}")
         self.close()
         self.next_batch = int(state["next_batch"])
-        self._skipped_base = int(state.get("skipped", 0))
-        self._skipped_local = 0
+        self._bad_synced = {int(i) for i in state.get("skipped_examples", [])}
+        self._bad_local = set()
+        # A state saved before the files were listed: its count, as it was.
+        self._skipped_legacy = (0 if "skipped_examples" in state
+                                else int(state.get("skipped", 0)))
 
     def close(self) -> None:
         """Stop the worker processes (a later `next` starts them again)."""

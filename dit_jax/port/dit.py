@@ -60,9 +60,11 @@ from dit_jax.checkpoint import (RUNTIME_FIELDS, is_model_checkpoint, is_train_wo
                                 restore_model, with_config)
 from dit_jax.models.dit import (DIT_CONFIGS, NUMERICS, DiT, DiTConfig, convert_blocks,
                                  sincos_2d)
-from dit_jax.port.keys import check_keys, read_safetensors, require_torch, write_safetensors
+from dit_jax.port.keys import (check_config, check_finite, check_keys, check_model_finite,
+                               read_config_json, read_safetensors, require_torch,
+                               write_safetensors)
 from dit_jax.port.paths import (TORCH_SUFFIXES, close_names, looks_like_hub_id,
-                                 missing_path_message)
+                                missing_path_message)
 
 DOWNLOAD_HELP = (
     "The official DiT weights are the DiT repository's downloads "
@@ -397,7 +399,9 @@ def read_checkpoint(src, *, which: str = "ema") -> tuple[dict[str, np.ndarray], 
         args = dict(args)
     else:  # the official train.py's argparse.Namespace, or nothing
         args = dict(vars(args)) if hasattr(args, "__dict__") else {}
-    return {k: _numpy(v) for k, v in state_dict.items()}, args
+    arrays = {k: _numpy(v) for k, v in state_dict.items()}
+    check_finite(arrays, src if not isinstance(src, Mapping) else "the state_dict")
+    return arrays, args
 
 
 def from_torch(path_or_state_dict, *, name: str | None = None,
@@ -639,6 +643,14 @@ def save_diffusers(model: DiT, folder: str | os.PathLike) -> Path:
     return folder
 
 
+# config.json keys that `from_diffusers` reads, with their JSON types (`read_config_json`).
+DIFFUSERS_REQUIRED = {"num_attention_heads": int, "attention_head_dim": int, "num_layers": int,
+                      "patch_size": int, "sample_size": int, "num_embeds_ada_norm": int}
+DIFFUSERS_OPTIONAL = {"_class_name": str, "in_channels": int, "out_channels": (int, type(None)),
+                      "norm_eps": float, "norm_type": str, "activation_fn": str,
+                      "attention_bias": bool, "norm_elementwise_affine": bool}
+
+
 def _diffusers_folder(folder_or_hub_id, download_help: str = DOWNLOAD_HELP) -> Path:
     path = Path(folder_or_hub_id)
     if not path.exists():
@@ -663,19 +675,25 @@ def _diffusers_folder(folder_or_hub_id, download_help: str = DOWNLOAD_HELP) -> P
     return path
 
 
+def _read_weight_file(path: Path) -> dict[str, np.ndarray]:
+    """One diffusers weight file (.safetensors or .bin) as float32 arrays, checked finite."""
+    arrays = {k: _numpy(v) for k, v in _read_torch_file(path).items()}
+    check_finite(arrays, path)
+    return arrays
+
+
 def _read_diffusers_weights(folder: Path, download_help: str = DOWNLOAD_HELP
                             ) -> dict[str, np.ndarray]:
     stem = "diffusion_pytorch_model"
     if (folder / f"{stem}.safetensors").is_file():
-        return read_safetensors(folder / f"{stem}.safetensors")
-    for index_name, reader in ((f"{stem}.safetensors.index.json", read_safetensors),
-                               (f"{stem}.bin.index.json", _read_torch_file)):
+        return _read_weight_file(folder / f"{stem}.safetensors")
+    for index_name in (f"{stem}.safetensors.index.json", f"{stem}.bin.index.json"):
         if (folder / index_name).is_file():
-            weight_map = json.loads((folder / index_name).read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-            return {k: _numpy(v) for f in files for k, v in reader(folder / f).items()}
+            index = read_config_json(folder / index_name, {"weight_map": dict})
+            files = sorted(set(index["weight_map"].values()))
+            return {k: v for f in files for k, v in _read_weight_file(folder / f).items()}
     if (folder / f"{stem}.bin").is_file():
-        return read_checkpoint(folder / f"{stem}.bin")[0]
+        return _read_weight_file(folder / f"{stem}.bin")
     raise _missing(folder / f"{stem}.safetensors", download_help)
 
 
@@ -688,7 +706,7 @@ def from_diffusers(folder_or_hub_id, *, numerics: str = "diffusers", name: str |
     unless "block0")."""
     embedders = overrides.pop("embedders", "same")
     folder = _diffusers_folder(folder_or_hub_id)
-    config = json.loads((folder / "config.json").read_text())
+    config = read_config_json(folder / "config.json", {}, {"_class_name": str})
     # The hub's facebook/DiT-XL-2-* predate the class: diffusers remaps their Transformer2DModel
     # with ada_norm_zero to DiTTransformer2DModel (same keys).
     legacy = (config.get("_class_name") == "Transformer2DModel"
@@ -696,6 +714,7 @@ def from_diffusers(folder_or_hub_id, *, numerics: str = "diffusers", name: str |
     if config.get("_class_name") != DIFFUSERS_CLASS and not legacy:
         raise ValueError(f"{folder / 'config.json'} describes a {config.get('_class_name')!r}, "
                          f"not a {DIFFUSERS_CLASS}")
+    check_config(config, folder / "config.json", DIFFUSERS_REQUIRED, DIFFUSERS_OPTIONAL)
     expected = dict(norm_type="ada_norm_zero", activation_fn="gelu-approximate",
                     attention_bias=True, norm_elementwise_affine=False)
     for key, want in expected.items():
@@ -754,10 +773,13 @@ def load_any(spec, *, name: str | None = None, image_size: int | tuple[int, int]
         # A workdir also holds model_config.json and config.json: it is recognised first.
         if is_train_workdir(path):
             weights = {"ema": "ema", "model": "params"}[which]  # the workdir's name for "model"
-            return _finish(restore_model(path, which=weights), name=name, image_size=image_size,
-                           **overrides)
+            model = restore_model(path, which=weights)
+            check_model_finite(model, f"{path} ({weights} weights)")
+            return _finish(model, name=name, image_size=image_size, **overrides)
         if is_model_checkpoint(path):
-            return _finish(load_model(path), name=name, image_size=image_size, **overrides)
+            model = load_model(path)
+            check_model_finite(model, path)
+            return _finish(model, name=name, image_size=image_size, **overrides)
         if (path / "config.json").is_file() or (path / "transformer" / "config.json").is_file():
             return from_diffusers(path, name=name, image_size=image_size, **overrides)
         raise ValueError(

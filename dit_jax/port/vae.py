@@ -9,7 +9,6 @@ checkpoints, whose weights may also be 1x1-conv shaped (C, C, 1, 1).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -20,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dit_jax.port.keys import check_keys, read_safetensors, require_torch
+from dit_jax.port.keys import (check_finite, check_keys, read_config_json, read_safetensors,
+                               require_torch)
 from dit_jax.port.paths import looks_like_hub_id, missing_path_message
 from dit_jax.models.vae import AutoencoderKL, VAEConfig
 
@@ -148,7 +148,7 @@ def _read_weights(folder: Path) -> dict[str, Any]:
         return read_safetensors(safetensors_file)
     index = folder / _SHARD_INDEX
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = sorted(set(read_config_json(index, {"weight_map": dict})["weight_map"].values()))
         out = {}
         for shard in shards:
             out.update(read_safetensors(folder / shard))
@@ -156,7 +156,9 @@ def _read_weights(folder: Path) -> dict[str, Any]:
     bin_file = folder / WEIGHT_FILES[1]
     if bin_file.is_file():
         torch = require_torch(f"{bin_file} (a PyTorch pickle; or convert it to safetensors)")
-        return torch.load(bin_file, map_location="cpu", weights_only=True)
+        weights = torch.load(bin_file, map_location="cpu", weights_only=True)
+        check_finite(weights, bin_file)
+        return weights
     raise FileNotFoundError(f"no VAE weights in {folder} (looked for {', '.join(WEIGHT_FILES)}): "
                             f"{_HOW_TO}")
 
@@ -193,6 +195,14 @@ def _download(repo_id: str, subfolder: str | None) -> Path:
     return root / subfolder if subfolder else root
 
 
+# config.json keys that VAEConfig reads, with their JSON types (`read_config_json`).
+CONFIG_TYPES = {"_class_name": str, "in_channels": int, "out_channels": int,
+                "block_out_channels": "ints", "layers_per_block": int, "latent_channels": int,
+                "norm_num_groups": int, "sample_size": (int, list), "scaling_factor": float,
+                "shift_factor": (float, type(None)), "mid_block_add_attention": bool,
+                "use_quant_conv": bool, "use_post_quant_conv": bool, "act_fn": str,
+                "down_block_types": list, "up_block_types": list}
+
 # Short names of the two VAEs the DiT paper used (sample.py --vae, train.py's config.vae, ...).
 VAE_SHORTHANDS = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 
@@ -208,5 +218,9 @@ def load_vae(path_or_hub_id: str | os.PathLike, *, dtype=jnp.float32, precision=
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"no config.json in {folder}: {_HOW_TO}")
-    config = json.loads(config_file.read_text())
+    config = read_config_json(config_file, {}, CONFIG_TYPES)
+    try:
+        config = VAEConfig.from_dict(config)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{config_file}: {err}") from None
     return vae_from_torch_state_dict(_read_weights(folder), config, dtype=dtype, precision=precision)
