@@ -25,6 +25,7 @@ import numpy as np
 
 from dit_jax.data.builtin import CLASSES, COLOURS, read_shape, render_shapes
 from dit_jax.data.folder import ImageFolderSource
+from dit_jax.data.latents import LatentSource
 
 SHAPES = tuple(c[1] for c in CLASSES)  # circle, square, triangle, diamond
 COLOUR_NAMES = tuple(c[0].split()[0] for c in CLASSES)  # red, green, blue, yellow
@@ -212,6 +213,71 @@ class CaptionedFolderSource(ImageFolderSource):
 
 
 # --------------------------------------------------------------------------------------------
+# Extracted text embeddings beside extracted latents (written by dit_jax.extract_text)
+
+TEXT_MANIFEST = "text_manifest.json"
+TEXT_FORMAT = "dit_jax-text-v1"
+
+
+def text_file(shard: int) -> str:
+    return f"text_{shard:05d}.npy"
+
+
+def text_mask_file(shard: int) -> str:
+    return f"text_mask_{shard:05d}.npy"
+
+
+def text_record(shard: int) -> str:
+    return f"text_shard_{shard:05d}.json"
+
+
+class TextLatentSource(LatentSource):
+    """A latents folder with its captions' text embeddings (`python -m dit_jax.extract_latents
+    --captions`): records and training examples also carry "text" (L, C) float32 and
+    "text_mask" (L,) int32, row for row with the latents."""
+
+    def __init__(self, path: str | os.PathLike, image_size: int | None = None):
+        super().__init__(path, image_size)
+        manifest_path = Path(self.path) / TEXT_MANIFEST
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"{self.path} has no {TEXT_MANIFEST}: extract the captions' "
+                                    f"text embeddings with `python -m dit_jax.extract_latents "
+                                    f"--captions --text-encoder=...`")
+        self.text_manifest = json.loads(manifest_path.read_text())
+        if self.text_manifest.get("format") != TEXT_FORMAT:
+            raise ValueError(f"{manifest_path} has format {self.text_manifest.get('format')!r}, "
+                             f"expected {TEXT_FORMAT!r}")
+        counts = [s["count"] for s in self.text_manifest["shards"]]
+        if counts != [int(b - a) for a, b in zip(self._starts[:-1], self._starts[1:])]:
+            raise ValueError(f"{manifest_path}: text shards of {counts} rows do not match the "
+                             f"latent shards: extract the text again")
+        self.max_length = int(self.text_manifest["max_length"])
+        self.caption_channels = int(self.text_manifest["caption_channels"])
+        self._text: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_text"] = {}
+        return state
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = super().__getitem__(index)
+        shard = int(np.searchsorted(self._starts, int(index), side="right") - 1)
+        if shard not in self._text:
+            entry = self.text_manifest["shards"][shard]
+            self._text[shard] = (np.load(os.path.join(self.path, entry["text"]), mmap_mode="r"),
+                                 np.load(os.path.join(self.path, entry["mask"])))
+        text, mask = self._text[shard]
+        offset = int(index) - int(self._starts[shard])
+        return dict(record, text=np.asarray(text[offset], np.float32),
+                    text_mask=np.asarray(mask[offset], np.int32))
+
+    def augment(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        out = super().augment(record, rng)
+        return dict(out, text=record["text"], text_mask=record["text_mask"])
+
+
+# --------------------------------------------------------------------------------------------
 # Tokenizer for small encoders trained from scratch
 
 
@@ -253,6 +319,7 @@ class WordTokenizer:
         return ids, mask
 
 
-__all__ = ["BACKGROUNDS", "CAPTIONS_FILE", "COLOUR_NAMES", "CaptionedFolderSource",
+__all__ = ["TEXT_FORMAT", "TEXT_MANIFEST", "TextLatentSource", "text_file", "text_mask_file",
+           "text_record", "BACKGROUNDS", "CAPTIONS_FILE", "COLOUR_NAMES", "CaptionedFolderSource",
            "CaptionedShapes", "HELD_OUT", "SHAPES", "WordTokenizer", "caption_of", "is_held_out",
            "parse_caption", "prompt_check", "read_captions"]

@@ -30,7 +30,7 @@ from flax import nnx
 
 from dit_jax.checkpoint import Checkpoints, write_run_config
 from dit_jax.data import make_batches
-from dit_jax.data.captions import CaptionedShapes, WordTokenizer, prompt_check
+from dit_jax.data.captions import CaptionedShapes, TextLatentSource, WordTokenizer, prompt_check
 from dit_jax.diffusion import training_losses
 from dit_jax.models.text import TextModelConfig, TextToImage, split_text_model
 from dit_jax.sampling import make_grid, save_png
@@ -44,11 +44,24 @@ log = logging.getLogger(__name__)
 
 
 def text_source(config):
-    """(captioned source, tokenizer) of a text run."""
+    """(captioned source, tokenizer) of a text run: the built-in captioned shapes with a word
+    tokenizer (for the jointly trained encoder), or a latents folder with extracted text
+    embeddings (tokenizer None: the batches carry the embeddings)."""
     d = config.data
+    if d.source == "latents":
+        if config.text.encoder != "none":
+            raise ValueError("data.source='latents' holds a frozen encoder's text embeddings: set "
+                             "text.encoder='none'")
+        source = TextLatentSource(d.path, image_size=d.image_size)
+        for key, value in (("max_length", source.max_length),
+                           ("caption_channels", source.caption_channels)):
+            if int(config.text[key]) != value:
+                raise ValueError(f"the text embeddings in {d.path} have {key}={value}, but "
+                                 f"text.{key}={config.text[key]}: set --config.text.{key}={value}")
+        return source, None
     if d.source != "builtin":
         raise ValueError(f"model.condition='text' trains on data.source='builtin' (the captioned "
-                         f"shapes); got {d.source!r}")
+                         f"shapes) or 'latents' (with text embeddings); got {d.source!r}")
     if config.vae != "none":
         raise ValueError("the builtin data is pixel-space: set --config.vae=none")
     source = CaptionedShapes(image_size=d.image_size,
@@ -79,8 +92,8 @@ def text_model_config(config, tokenizer: WordTokenizer, in_channels: int, input_
 
 class CaptionBatches:
     """The class-conditional batch iterator of a captioned source with the captions tokenized:
-    {"x", "text" (rows, L) int32 ids, "text_mask" (rows, L) int32}; same state as the wrapped
-    iterator."""
+    {"x", "text" (rows, L) int32 ids, "text_mask" (rows, L) int32}, or with `tokenizer` None the
+    extracted embeddings (rows, L, C) as "text"; same state as the wrapped iterator."""
 
     def __init__(self, batches, tokenizer):
         self.batches, self.tokenizer = batches, tokenizer
@@ -91,6 +104,8 @@ class CaptionBatches:
 
     def __next__(self) -> dict[str, np.ndarray]:
         batch = next(self.batches)
+        if self.tokenizer is None:  # extracted embeddings
+            return {"x": batch["x"], "text": batch["text"], "text_mask": batch["text_mask"]}
         ids, mask = self.tokenizer(list(batch["caption"]))
         return {"x": batch["x"], "text": ids, "text_mask": mask}
 
@@ -156,12 +171,13 @@ def train_text(config, workdir: str | os.PathLike, make_objective: Callable) -> 
         raise ValueError("model.condition='text' does not accumulate gradients: set "
                          "optim.accum_steps=1")
     source, tokenizer = text_source(config)
-    model_cfg = text_model_config(config, tokenizer, 3, int(config.data.image_size))
+    side, _, channels = source.element_shape
+    model_cfg = text_model_config(config, tokenizer, channels, side)
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     total_steps, global_batch = int(config.total_steps), int(config.global_batch_size)
     with jax.set_mesh(mesh):
         write_run_config(workdir, config, model_cfg)
-        if jax.process_index() == 0:
+        if jax.process_index() == 0 and tokenizer is not None:
             save_tokenizer(workdir, tokenizer)
         tx, schedule = make_optimizer(config.optim, total_steps)
         diffusion = make_objective(config, model_cfg)
@@ -189,15 +205,18 @@ def train_text(config, workdir: str | os.PathLike, make_objective: Callable) -> 
                                  tokenizer)
         if data_state is not None:
             batches.set_state(data_state)
-        batch_shardings = {k: batch_sharding(mesh, 4 if k == "x" else 2)
-                           for k in ("x", "text", "text_mask")}
+        text_ndim = 2 if tokenizer is not None else 3  # ids, or embeddings
+        batch_shardings = {"x": batch_sharding(mesh, 4), "text": batch_sharding(mesh, text_ndim),
+                           "text_mask": batch_sharding(mesh, 2)}
         step_fn = jax.jit(make_text_train_step(graphdef, diffusion, tx, schedule,
                                                float(config.optim.ema_decay)),
                           in_shardings=(shardings, state_shardings(buffers, mesh), batch_shardings),
                           out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
         writer = MetricWriter(workdir, resume_step=start, enabled=jax.process_index() == 0)
         progress = Progress(total_steps, start, enabled=jax.process_index() == 0)
-        prompts = list(config.text.prompts)
+        # Prompts need the run's tokenizer: grids on the built-in data (a frozen T5's runs are
+        # sampled with sample.py).
+        prompts = list(config.text.prompts) if tokenizer is not None else []
         window, last = [], {}
         step = start
         try:
