@@ -48,6 +48,7 @@ LOGICAL_AXIS_RULES: dict[str, Any] = {
     "freq": None,
     "embed_in": None,
     "patch_out": None,
+    "caption": None,  # the text encoder's width at the caption projection's input (PixArt-α)
 }
 
 # Logical names of the attention operands (batch, tokens, heads, head_dim).
