@@ -49,6 +49,11 @@ LOGICAL_AXIS_RULES: dict[str, Any] = {
     "embed_in": None,
     "patch_out": None,
     "caption": None,  # the text encoder's width at the caption projection's input (PixArt-α)
+    # The T5 text encoder (dit_jax.models.t5): its token table splits along embed like every
+    # weight; the position-bias table and the norm scales are small and replicated.
+    "vocab": None,
+    "buckets": None,
+    "norm": None,
 }
 
 # Logical names of the attention operands (batch, tokens, heads, head_dim).
