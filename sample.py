@@ -12,6 +12,9 @@
     python sample.py --ckpt SiT-XL-2-256x256.pt --kind sit --sampler sde-euler --cfg-scale 1.5
     python sample.py --ckpt last.pt --kind repa --sampler sde-euler --cfg-scale 1.8 \\
         --guidance-channels all --guidance-interval 0.3,1
+    # a text-to-image run (model.condition=text, docs/text.md): one image per prompt
+    python sample.py --ckpt runs/text_demo --prompt "a blue triangle" --prompt "a red square" \\
+        --negative-prompt "a red circle"
 
 --ckpt is anything `dit_jax.port.load_any` reads: an official .pt, a .safetensors file, a diffusers
 folder or hub id, a dit_jax model checkpoint directory, or a train.py workdir. A workdir's own

@@ -32,7 +32,8 @@ from dit_jax.data.captions import (TEXT_FORMAT, TEXT_MANIFEST, read_captions, te
 from dit_jax.data.folder import scan_folder
 from dit_jax.data.latents import read_manifest
 from dit_jax.distributed import wait_for_every_host
-from dit_jax.port.t5 import load_t5_encoder, load_t5_tokenizer
+from dit_jax.port.t5 import encoder_fn, load_t5_encoder, load_t5_tokenizer
+from dit_jax.sharding import make_mesh
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +106,11 @@ def extract_text(data: str | os.PathLike, out: str | os.PathLike, encode: Callab
 
 def t5_text_encoder(src: str, *, max_length: int = 120) -> Callable:
     """`encode(captions) -> (embeddings, mask)` of a T5 encoder folder (transformers format, with
-    its tokenizer files) or hub id, through `dit_jax.port.t5`."""
-    encoder = load_t5_encoder(src)
+    its tokenizer files) or hub id (`dit_jax.port.t5`), sharded over every local device
+    (float32: the embeddings are stored once and trained on many times)."""
+    mesh = make_mesh(data=1, fsdp=-1, devices=jax.local_devices())
+    encode = encoder_fn(load_t5_encoder(src, mesh=mesh), mesh)
     tokenizer = load_t5_tokenizer(src, max_length=max_length)
-    encode = jax.jit(lambda ids, mask: encoder(ids, mask))
 
     def run(captions: Sequence[str]):
         ids, mask = tokenizer(list(captions))

@@ -16,9 +16,7 @@ from dit_jax.data.captions import (HELD_OUT, TEXT_MANIFEST, CaptionedFolderSourc
                                    parse_caption, prompt_check, read_captions, text_record)
 from dit_jax.data.folder import scan_folder
 from dit_jax.data.latents import MANIFEST
-from dit_jax.extract_latents import extract
 from dit_jax.extract_text import extract_text
-from dit_jax.models.t5 import T5Encoder, T5EncoderConfig
 from dit_jax.models.text import TextModelConfig, TextToImage
 from dit_jax.sharding import make_mesh
 from dit_jax.text_sampling import text_guidance, text_model_buffers
@@ -179,51 +177,74 @@ def test_guidance_with_negative_prompt_equals_hand_computation(model):
 # Extraction
 
 
-def test_text_extraction_aligns_with_latents_and_resumes(tmp_path):
-    from test_extract_latents import random_vae  # the tiny VAE of the latents tests
+def t5_folder(root, sentences):
+    """A tiny random transformers T5 v1.1 encoder with a SentencePiece tokenizer trained here on
+    `sentences`, in one folder, as `--text-encoder` takes it."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    spm = pytest.importorskip("sentencepiece")
+    import io
 
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences * 4), model_writer=buffer, vocab_size=30,
+        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>",
+        eos_piece="</s>", unk_piece="<unk>", hard_vocab_limit=False, minloglevel=2)
+    torch.manual_seed(0)
+    model = transformers.T5EncoderModel(transformers.T5Config(
+        vocab_size=40, d_model=16, d_kv=4, d_ff=24, num_layers=1, num_heads=4,
+        feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False)).eval()
+    model.save_pretrained(root)
+    (root / "spiece.model").write_bytes(buffer.getvalue())
+    return root
+
+
+def test_text_extraction_aligns_with_latents_and_resumes(tmp_path):
+    """`extract_latents --captions`: the latents, then each readable image's caption through a
+    T5 folder, row for row; an interrupted text extraction redoes only its missing shards."""
+    from test_extract_latents import write_vae_folder  # the tiny VAE of the latents tests
+    from dit_jax.extract_latents import main
+    from dit_jax.port import load_t5_encoder, load_t5_tokenizer
+
+    captions = ["a red circle", "a green square on a light background", "two cats"]
     data = make_image_folder(tmp_path / "images", flat=7, corrupt={"img_900.jpg": "truncated"})
     paths = scan_folder(data, class_folders=False)[0]
     for i, path in enumerate(paths):
         with open(path.rsplit(".", 1)[0] + ".txt", "w") as f:
-            f.write(["a red circle", "a green square on a light background"][i % 2])
+            f.write(captions[i % 3])
+    t5 = t5_folder(tmp_path / "t5", captions)
     out = tmp_path / "latents"
-    extract(data, out, image_size=32, vae="tiny", batch_size=1, shard_size=3, num_workers=0,
-            progress=False, vae_module=random_vae(), class_folders=False)
-    # A real (tiny, random) T5 encoder over the word tokenizer.
-    tok = WordTokenizer(WORDS, max_length=8)
-    encoder = T5Encoder(T5EncoderConfig(vocab_size=tok.vocab_size, d_model=16, d_kv=4, d_ff=24,
-                                        num_layers=1, num_heads=2), rngs=nnx.Rngs(0))
-    calls = []
-
-    def encode(captions):
-        calls.append(list(captions))
-        ids, mask = tok(captions)
-        return np.asarray(encoder(ids, mask)), mask
-
-    manifest = extract_text(data, out, encode, encoder_name="tiny-t5", batch_size=2)
+    argv = ["--data", str(data), "--out", str(out), "--image-size", "32",
+            "--vae", str(write_vae_folder(tmp_path / "vae")), "--batch-size", "1",
+            "--shard-size", "3", "--num-workers", "0", "--no-progress", "--captions",
+            "--text-encoder", str(t5), "--max-text-length", "8"]
+    main(argv)
+    text = json.loads((out / TEXT_MANIFEST).read_text())
     latents = json.loads((out / MANIFEST).read_text())
-    assert manifest["count"] == latents["count"] == 7  # the truncated image skipped in both
-    assert manifest["max_length"] == 8 and manifest["caption_channels"] == 16
-    # Rows align with the latents: example i's text is its own caption's encoding.
-    lat = TextLatentSource(out, image_size=32)
+    assert text["count"] == latents["count"] == 7  # the truncated image skipped in both
+    assert text["max_length"] == 8 and text["caption_channels"] == 16
+    # Row i is the encoding of the caption of the i-th readable image.
+    encoder, tokenizer = load_t5_encoder(t5), load_t5_tokenizer(t5, max_length=8)
     readable = [p for p in paths if p not in latents["skipped_files"]]
-    for i in range(len(lat)):
-        caption = open(readable[i].rsplit(".", 1)[0] + ".txt").read()
-        ids, mask = tok([caption])
-        rec = lat[i]
-        np.testing.assert_allclose(rec["text"], np.asarray(encoder(ids, mask))[0], atol=1e-5)
-        np.testing.assert_array_equal(rec["text_mask"], mask[0])
-    example = lat.augment(lat[0], np.random.default_rng(0))
-    assert example["x"].shape == lat.element_shape and example["text"].shape == (8, 16)
+    ids, mask = tokenizer([open(p.rsplit(".", 1)[0] + ".txt").read() for p in readable])
+    expected = np.asarray(encoder(ids, mask))
+    source = TextLatentSource(out, image_size=32)
+    for i in range(len(source)):
+        np.testing.assert_allclose(source[i]["text"], expected[i], atol=1e-5)
+        np.testing.assert_array_equal(source[i]["text_mask"], mask[i])
+    example = source.augment(source[0], np.random.default_rng(0))
+    assert example["x"].shape == source.element_shape and example["text"].shape == (8, 16)
 
-    # Resume: a lost shard is redone, the complete ones are not encoded again.
+    # Resume: shard 1's text lost; shards 0 and 2 are not written again.
     (out / text_record(1)).unlink()
     (out / TEXT_MANIFEST).unlink()
-    calls.clear()
-    again = extract_text(data, out, encode, encoder_name="tiny-t5", batch_size=2)
-    assert again == manifest
-    assert sum(len(c) for c in calls) == json.loads((out / "shard_00001.json").read_text())["count"]
+    before = {k: os.stat(out / f"text_{k:05d}.npy").st_mtime_ns for k in (0, 2)}
+    calls = []
+    encode = lambda c: (calls.append(len(c)), (np.asarray(encoder(*tokenizer(c))),  # noqa: E731
+                                              tokenizer(c)[1]))[1]
+    again = extract_text(data, out, encode, encoder_name=str(t5))
+    assert again == text and sum(calls) == json.loads((out / "shard_00001.json").read_text())["count"]
+    assert before == {k: os.stat(out / f"text_{k:05d}.npy").st_mtime_ns for k in (0, 2)}
 
 
 # --------------------------------------------------------------------------------------------
