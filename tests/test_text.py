@@ -271,3 +271,15 @@ def test_short_text_training_lowers_the_loss_and_follows_colours(tmp_path):
     assert losses[-1] < 0.7 * losses[0]
     m = result["metrics"]
     assert m["prompt_colour"] > 0.5, m
+
+    # sample.py --prompt's path: the workdir's model, tokenizer and settings; a negative prompt
+    # replaces the null caption in the unconditional branch.
+    from dit_jax.text_sampling import load_text_run, sample_prompts
+
+    model, tokenizer, settings = load_text_run(tmp_path / "run")
+    settings["steps"] = 5
+    plain = sample_prompts(model, tokenizer, ["a red square", "a blue circle"], **settings)
+    negative = sample_prompts(model, tokenizer, ["a red square", "a blue circle"],
+                              negative_prompt="a yellow circle", **settings)
+    assert plain.shape == (2, 32, 32, 3) and plain.dtype == np.uint8
+    assert np.abs(plain.astype(int) - negative).mean() > 1
