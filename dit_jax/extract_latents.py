@@ -47,6 +47,7 @@ from dit_jax.data.folder import LAYOUTS, ImageFolderSource, class_folders_for
 from dit_jax.data.latents import (FORMAT, MANIFEST, MANIFEST_STORED, labels_file, moments_file)
 from dit_jax.data.pipeline import ensure_absl_flags_parsed
 from dit_jax.distributed import initialize_distributed, wait_for_every_host
+from dit_jax.extract_text import extract_text, t5_text_encoder
 from dit_jax.port.paths import missing_path_message
 from dit_jax.port.vae import load_vae
 from dit_jax.sharding import batch_sharding, make_mesh, replicated, shard_batch
@@ -302,6 +303,14 @@ flags.DEFINE_enum("layout", "auto", list(LAYOUTS),
 flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                   "jax.distributed.initialize for multi-host runs", flag_values=FLAGS)
 flags.DEFINE_bool("progress", True, "show a progress bar (--noprogress: none)", flag_values=FLAGS)
+# Text-to-image data (docs/text.md): the captions' embeddings beside the latents.
+flags.DEFINE_bool("captions", False, "also encode each image's caption (.txt beside it, or "
+                  "captions.jsonl) with --text_encoder (dit_jax.extract_text)", flag_values=FLAGS)
+flags.DEFINE_string("text_encoder", "", "T5 encoder folder (transformers format, with its "
+                    "tokenizer) or hub id, e.g. PixArt-alpha/PixArt-XL-2-512x512 (its "
+                    "text_encoder/)", flag_values=FLAGS)
+flags.DEFINE_integer("max_text_length", 120, "text tokens per caption, padded (PixArt-α: 120)",
+                     flag_values=FLAGS)
 
 
 def main(argv: Sequence[str]) -> dict[str, Any]:
@@ -315,6 +324,8 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
     for name in ("data", "out"):
         if FLAGS[name].value is None:
             raise app.UsageError(f"--{name} is required (--help: examples)")
+    if FLAGS.captions and not FLAGS.text_encoder:
+        raise app.UsageError("--captions needs --text_encoder (a T5 encoder folder or hub id)")
     if not Path(FLAGS.data).is_dir():
         raise FileNotFoundError(missing_path_message(FLAGS.data, "--data folder")
                                 if not Path(FLAGS.data).exists()
@@ -327,6 +338,10 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
         class_folders=class_folders_for(FLAGS.layout),
         vae_dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[FLAGS.vae_dtype],
         progress=FLAGS.progress)
+    if FLAGS.captions:
+        extract_text(FLAGS.data, FLAGS.out, t5_text_encoder(FLAGS.text_encoder,
+                                                            max_length=FLAGS.max_text_length),
+                     encoder_name=FLAGS.text_encoder, dtype=FLAGS.dtype)
     if jax.process_index() == 0:
         print(f"{manifest['count']} latents {tuple(manifest['latent_shape'])} in {FLAGS.out} "
               f"({manifest['skipped']} unreadable images skipped)", file=sys.stderr)
