@@ -38,7 +38,7 @@ ENCODERS = ("none", "t5")
 class TextModelConfig:
     """A text-conditioned DiT (PixArt-α blocks) and its text encoder, as flat fields (they are
     written to model_config.json). `input_size` is the latent/pixel side the model trains at
-    (PixArt's sample_size); `max_length` the number of text tokens (the null caption's length);
+    (PixArt's input_size, diffusers' sample_size); `max_length` the number of text tokens (the null caption's length);
     `caption_dropout` the training rate of the null caption. With `encoder="t5"` the model owns a
     T5 encoder of `encoder_layers` layers, `encoder_heads` heads of `encoder_head_dim`, width
     `caption_channels` and FFN `encoder_ff`, over `vocab_size` token ids, trained with the DiT."""
@@ -77,7 +77,7 @@ class TextModelConfig:
     @property
     def pixart(self) -> PixArtConfig:
         return PixArtConfig(
-            sample_size=self.input_size, patch_size=self.patch_size, in_channels=self.in_channels,
+            input_size=self.input_size, patch_size=self.patch_size, in_channels=self.in_channels,
             hidden_size=self.hidden_size, depth=self.depth, num_heads=self.num_heads,
             caption_channels=self.caption_channels, learn_sigma=self.learn_sigma,
             micro_conditions=False, class_dropout_prob=self.caption_dropout,
