@@ -38,7 +38,7 @@ ENCODERS = ("none", "t5")
 class TextModelConfig:
     """A text-conditioned DiT (PixArt-α blocks) and its text encoder, as flat fields (they are
     written to model_config.json). `input_size` is the latent/pixel side the model trains at
-    (PixArt's input_size, diffusers' sample_size); `max_length` the number of text tokens (the null caption's length);
+    (diffusers' sample_size); `max_length` the number of text tokens (the null caption's length);
     `caption_dropout` the training rate of the null caption. With `encoder="t5"` the model owns a
     T5 encoder of `encoder_layers` layers, `encoder_heads` heads of `encoder_head_dim`, width
     `caption_channels` and FFN `encoder_ff`, over `vocab_size` token ids, trained with the DiT."""
