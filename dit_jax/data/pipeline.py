@@ -90,6 +90,8 @@ def _count_skipped(record: dict[str, Any]) -> dict[str, Any]:
 def check_batch_labels(source, batch: dict[str, np.ndarray]) -> None:
     """Every label of `batch` inside [0, source.num_classes): a source's own checks (a latent
     shard's, when it opens) name the file; this one covers any other grain source."""
+    if "caption" in batch:  # captioned records: "y" describes the image, the model never sees it
+        return
     if "y" in batch and getattr(source, "num_classes", None) is not None:
         check_labels(batch["y"], source.num_classes, f"a batch of {source!r}")
 
