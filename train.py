@@ -2,7 +2,8 @@
 
 Running the same command again with the same workdir resumes from its newest checkpoint. On
 several hosts, run the same command on every host (see docs/launch.md). Exit status: 0 when
-total_steps are done, 143 after a preemption save (SIGTERM), 1 on a non-finite loss.
+total_steps are done, 143 after a preemption save (SIGTERM), 1 on a non-finite loss, 2 when
+the run cannot start as asked (a config value, a locked workdir, a resume with another model).
 """
 
 import logging
@@ -13,7 +14,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from dit_jax.distributed import initialize_distributed
-from dit_jax.train.loop import PREEMPTED_EXIT_CODE, NonFiniteLossError, train
+from dit_jax.train.loop import NON_FINITE_ERRORS, PREEMPTED_EXIT_CODE, SETUP_ERRORS, train
 
 config_flags.DEFINE_config_file("config", None, "training config file (e.g. configs/dit.py:XL/2)",
                                 lock_config=True)
@@ -36,9 +37,12 @@ def main(argv):
                            num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
     try:
         result = train(FLAGS.config, FLAGS.workdir)
-    except NonFiniteLossError as err:
+    except NON_FINITE_ERRORS as err:
         logging.error("%s", err)
         sys.exit(1)
+    except SETUP_ERRORS as err:  # the run cannot start as asked: one line, no traceback
+        logging.error("%s", err)
+        sys.exit(2)
     if result["status"] == "preempted":
         sys.exit(PREEMPTED_EXIT_CODE)
 

@@ -194,23 +194,23 @@ def test_resume_equals_uninterrupted(tmp_path, dit_dir, monkeypatch):
 
 def test_bad_inputs(tmp_path, dit_dir):
     with pytest.raises(FileNotFoundError, match="dl.fbaipublicfiles.com.*--ckpt PATH"):
-        _run_cli([f"--ckpt={tmp_path / 'DiT-XL-2-256x256.pt'}", f"--out={tmp_path}"])
+        _run_cli([f"--ckpt={tmp_path / 'DiT-XL-2-256x256.pt'}", f"--out={tmp_path / 'out'}"])
     with pytest.raises(ValueError, match="unknown DiT model 'DiT-XXL/2'"):
-        _run_cli([f"--ckpt={dit_dir}", "--model=DiT-XXL/2", "--vae=none", f"--out={tmp_path}"])
+        _run_cli([f"--ckpt={dit_dir}", "--model=DiT-XXL/2", "--vae=none", f"--out={tmp_path / 'out'}"])
     with pytest.raises(ValueError, match="not DiT-S/2"):
-        _run_cli([f"--ckpt={dit_dir}", "--model=DiT-S/2", "--vae=none", f"--out={tmp_path}"])
+        _run_cli([f"--ckpt={dit_dir}", "--model=DiT-S/2", "--vae=none", f"--out={tmp_path / 'out'}"])
     with pytest.raises(ValueError, match="--image-size 256 does not match the model"):
-        _run_cli([f"--ckpt={dit_dir}", "--image-size=256", "--vae=none", f"--out={tmp_path}"])
+        _run_cli([f"--ckpt={dit_dir}", "--image-size=256", "--vae=none", f"--out={tmp_path / 'out'}"])
     with pytest.raises(ValueError, match="label 10 is out of range"):
-        _run_cli([f"--ckpt={dit_dir}", "--labels=1,10", "--vae=none", f"--out={tmp_path}"])
+        _run_cli([f"--ckpt={dit_dir}", "--labels=1,10", "--vae=none", f"--out={tmp_path / 'out'}"])
     no_null = random_dit(seed=2, depth=1, hidden_size=64, num_heads=4, patch_size=2,
                          input_size=LATENT, num_classes=NUM_CLASSES, class_dropout_prob=0.0)
     save_model(tmp_path / "no_null", no_null)
     with pytest.raises(ValueError, match="needs a null class.*--cfg-scale=1"):
         _run_cli([f"--ckpt={tmp_path / 'no_null'}", "--vae=none", "--cfg-scale=4",
-                  f"--out={tmp_path}"])
+                  f"--out={tmp_path / 'out'}"])
     with pytest.raises(app.UsageError, match="--ckpt is required.*DiT-XL-2-256x256.pt"):
-        _run_cli([f"--out={tmp_path}"])
+        _run_cli([f"--out={tmp_path / 'out'}"])
     with pytest.raises(flags.IllegalFlagValueError):
         _run_cli([f"--ckpt={dit_dir}", "--sampler=euler"])
 
