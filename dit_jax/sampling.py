@@ -421,7 +421,9 @@ def check_out_dir(out: Path, npz: str | None = None) -> None:
             elif (out / sub).exists():
                 foreign.append(sub)
     if foreign:
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        foreign = sorted(foreign)
+        more = len(foreign) - 3
+        shown = ", ".join(foreign[:3]) + (f" and {more} more" if more > 0 else "")
         raise ValueError(f"--out {out} holds files sample.py did not write ({shown}); sample into a "
                          f"new or empty directory (a resume needs the --out of that run)")
 
@@ -444,9 +446,10 @@ class ChunkStore:
             changed = sorted(k for k in set(previous) | set(settings)
                              if previous.get(k) != settings.get(k))
             if "weights" in changed:
+                then, now = (_describe_weights(x.get("weights")) for x in (previous, settings))
                 raise ValueError(
-                    f"{directory} holds samples of other weights ({_describe_weights(previous.get('weights'))}) "
-                    f"than --ckpt {settings.get('ckpt')} now ({_describe_weights(settings.get('weights'))}): "
+                    f"{directory} holds samples of other weights ({then}) than --ckpt "
+                    f"{settings.get('ckpt')} now ({now}): "
                     f"resuming would mix two models in one output; use another --out or delete "
                     f"{directory.parent}")
             if changed:
