@@ -23,6 +23,7 @@ from dit_jax.diffusion.gaussian import (
     logsnr_timesteps,
     mean_flat,
     min_snr_weights,
+    target_weights,
     normal_kl,
     output_mean_variance,
     p_mean_variance,
@@ -49,6 +50,6 @@ __all__ = [
     "get_named_beta_schedule", "jit_sampler", "logsnr_timesteps",
     "mean_flat", "min_snr_weights", "normal_kl", "output_mean_variance", "p_mean_variance",
     "p_sample", "p_sample_loop", "predict_eps_from_xstart", "predict_xstart_from_eps",
-    "q_posterior_mean_variance", "q_sample", "respace_betas", "space_timesteps",
+    "q_posterior_mean_variance", "target_weights", "q_sample", "respace_betas", "space_timesteps",
     "training_losses", "velocity_target", "xstart_and_eps_from_velocity",
 ]
