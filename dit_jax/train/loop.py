@@ -524,7 +524,9 @@ def make_objective(config, model_cfg: DiTConfig):
                             learn_sigma=model_cfg.learn_sigma,
                             diffusion_steps=int(config.diffusion.diffusion_steps),
                             prediction=config.diffusion.prediction,
-                            min_snr_gamma=float(config.diffusion.min_snr_gamma))
+                            min_snr_gamma=float(config.diffusion.min_snr_gamma),
+                            # Not in configs/dit.py (the official recipe): configs/small.py sets it.
+                            loss_space=config.diffusion.get("loss_space", "target"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -582,7 +584,7 @@ def ema_sampler(graphdef, abstract_weights: tuple, model_cfg: DiTConfig, config,
     return ChunkSampler(
         graphdef, abstract_weights, mesh=mesh, batch_size=batch_size, seed=int(config.seed),
         sampler=config.transport.sampler if transport else s.sampler, steps=int(s.steps),
-        cfg_scale=cfg_scale,
+        cfg_scale=cfg_scale, guidance_interval=_interval(s.get("guidance_interval")),
         decoder=(None if config.vae == "none" else  # the training VAE when there is one
                  Decoder.of(vae) if vae is not None else load_vae_decoder(config.vae)),
         # x̂0 clipping is a diffusion-sampler option; transport samplers run unclipped.
@@ -590,6 +592,16 @@ def ema_sampler(graphdef, abstract_weights: tuple, model_cfg: DiTConfig, config,
         noise_schedule=config.diffusion.noise_schedule,
         diffusion_steps=int(config.diffusion.diffusion_steps),
         prediction="epsilon" if transport else config.diffusion.prediction, **transport)
+
+
+def _interval(value) -> tuple[float, float] | None:
+    """config.sample.guidance_interval, (lo, hi) in the model's time, or None (guide every step);
+    not in configs/dit.py (the official recipe guides every step)."""
+    if value is None or len(value) == 0:
+        return None
+    if len(value) != 2:
+        raise ValueError(f"config.sample.guidance_interval must be (lo, hi), got {value!r}")
+    return float(value[0]), float(value[1])
 
 
 class TrainingFID:
