@@ -119,6 +119,7 @@ def request_from_flags() -> SampleRequest:
     if recorded:
         logging.info("from %s/config.json: %s", FLAGS.ckpt,
                      ", ".join(f"{k}={v}" for k, v in recorded.items()))
+        interval = recorded.pop("guidance_interval", interval)
         settings.update(recorded)
     return SampleRequest(
         ckpt=FLAGS.ckpt, model=FLAGS.model, labels=labels, num_samples=FLAGS.num_samples,

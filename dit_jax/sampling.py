@@ -165,6 +165,9 @@ def run_settings(ckpt: str) -> dict[str, Any]:
                  "diffusion_steps": int(config["diffusion"]["diffusion_steps"]),
                  # Runs from before the option predicted ε, as the official DiT.
                  "prediction": config["diffusion"].get("prediction", "epsilon")}
+        interval = config["sample"].get("guidance_interval")  # the run's grids guided only there
+        if interval:
+            found["guidance_interval"] = tuple(float(v) for v in interval)
         if config.get("objective", "diffusion") == "transport":  # runs from before it: diffusion
             t = config["transport"]
             found.update(sampler=t["sampler"], path_type=t["path_type"],

@@ -248,6 +248,8 @@ def test_cli_takes_a_train_workdirs_own_settings(tmp_path, monkeypatch):
     request = sample_script.request_from_flags()
     assert (request.vae, request.image_size, request.clip_denoised, request.diffusion_steps,
             request.prediction) == ("none", 16, True, 500, "velocity")
+    # The run's grids guided only at high noise (configs/demo.py): so do its samples.
+    assert request.guidance_interval == tuple(float(v) for v in config.sample.guidance_interval)
 
     # Flags given explicitly win over the workdir's settings.
     flags.FLAGS.unparse_flags()
@@ -255,6 +257,9 @@ def test_cli_takes_a_train_workdirs_own_settings(tmp_path, monkeypatch):
                                "--diffusion-steps=1000"])
     request = sample_script.request_from_flags()
     assert (request.vae, request.clip_denoised, request.diffusion_steps) == ("none", False, 1000)
+    flags.FLAGS.unparse_flags()
+    sample_script.parse_flags(["sample.py", f"--ckpt={workdir}", "--guidance-interval=0,999"])
+    assert sample_script.request_from_flags().guidance_interval == (0.0, 999.0)
 
 
 def test_resume_refuses_other_weights_and_foreign_outputs(tmp_path, dit_dir):
