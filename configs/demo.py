@@ -18,10 +18,11 @@ guided samples show the requested shape, on clean backgrounds with smooth interi
 is applied only at timesteps 300..999: guiding the last, low-noise steps too turned the
 x̂0 model's small errors into speckle (shape_score 0, template fit median 0.83); guided in that
 interval, 42% of 64 samples pass the strict shape_score (fit median 0.89). What still fails is
-ragged outlines (notched square edges, spurs on diamonds). To draw more samples like the grids:
+ragged outlines (notched square edges, spurs on diamonds). To draw more samples like the grids
+(sample.py takes the guidance interval, like the run's other settings, from the workdir):
 
-    python sample.py --ckpt=runs/demo --labels=0,1,2,3 --sampler=ddim --steps=25 \\
-        --guidance-interval=300,999
+    python sample.py --ckpt=runs/demo --labels=circle,square,triangle,diamond \\
+        --sampler=ddim --steps=25
 
 docs/small_data.md has the measurements.
 """
