@@ -23,7 +23,8 @@ folder or hub id, a dit_jax model checkpoint directory, or a train.py workdir. A
 config.json supplies the defaults of --vae (none for a pixel-space run), --image-size,
 --clip-denoised, --noise-schedule and --diffusion-steps (and, for a run trained with the
 transport objective, --sampler, --path-type and --prediction); flags given explicitly win. Runs resume: chunks
-already in OUT/chunks/ are not sampled again. On a pod, run the same command on every host: the
+already in OUT/chunks/ are not sampled again (a resume with other weights or settings, or into an OUT
+holding files sample.py did not write, is refused). On a pod, run the same command on every host: the
 samples are split over all devices of all hosts and host 0 writes the files (OUT must be on a
 shared file system). See dit_jax/sampling.py.
 """
@@ -130,6 +131,7 @@ def request_from_flags() -> SampleRequest:
     if recorded:
         logging.info("from %s/config.json: %s", FLAGS.ckpt,
                      ", ".join(f"{k}={v}" for k, v in recorded.items()))
+        interval = recorded.pop("guidance_interval", interval)
         settings.update(recorded)
     return SampleRequest(
         ckpt=FLAGS.ckpt, model=FLAGS.model, labels=labels, num_samples=FLAGS.num_samples,

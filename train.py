@@ -16,7 +16,8 @@ finished run says so and exits. On several hosts, run the same command on every 
 docs/launch.md). On a terminal a progress bar shows the run; in a file or a batch log, one plain
 line per logged step; at the end, a summary says where the checkpoints, logs and samples are.
 Exit status: 0 when total_steps are done, 143 after a preemption save (SIGTERM), 1 on a
-non-finite loss or a user error (one line; --verbose for the traceback).
+non-finite loss or a user error (one line; --verbose for the traceback), 2 when the run cannot
+start as asked (a config value, a locked workdir, a resume with another model).
 """
 
 import sys
@@ -30,7 +31,7 @@ from dit_jax import cli
 from dit_jax.checkpoint.workdir import CHECKPOINT_DIR
 from dit_jax.distributed import initialize_distributed
 from dit_jax.train.logging import LOG_FILE, TENSORBOARD_DIR
-from dit_jax.train.loop import PREEMPTED_EXIT_CODE, SAMPLES_DIR, train
+from dit_jax.train.loop import PREEMPTED_EXIT_CODE, SAMPLES_DIR, SETUP_ERRORS, train
 
 config_flags.DEFINE_config_file("config", None, "training config file (e.g. configs/dit.py:XL/2)",
                                 lock_config=True)
@@ -74,7 +75,12 @@ def main(argv):
                                  f"--config=configs/demo.py --workdir=runs/demo (--help: examples)")
     initialize_distributed(FLAGS.distributed, coordinator_address=FLAGS.coordinator_address,
                            num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-    result = train(FLAGS.config, FLAGS.workdir)
+    try:
+        result = train(FLAGS.config, FLAGS.workdir)
+    except SETUP_ERRORS as err:  # the run cannot start as asked: one line, status 2
+        if FLAGS.verbose:
+            raise
+        cli.fail(err, status=2)
     if jax.process_index() == 0:
         print(summary(result, FLAGS.workdir, int(FLAGS.config.total_steps)), flush=True)
     if result["status"] == "preempted":

@@ -55,6 +55,7 @@ def pixel_recipe() -> ml_collections.ConfigDict:
 
     c.diffusion.noise_schedule = "squaredcos_cap_v2"
     c.diffusion.prediction = "start_x"
+    c.diffusion.loss_space = "target"
 
     c.optim.lr = 3e-3
     c.optim.warmup_steps = 50
@@ -65,4 +66,5 @@ def pixel_recipe() -> ml_collections.ConfigDict:
 
     c.sample.sampler = "ddim"
     c.sample.clip_denoised = True  # pixels live in [-1, 1]
+    c.sample.guidance_interval = ()  # (lo, hi) timesteps to guide in; () guides every step
     return c

@@ -165,7 +165,8 @@ def guard(main: Callable, flag_values: flags.FlagValues = flags.FLAGS) -> Callab
     return guarded
 
 
-def fail(err: BaseException | str) -> NoReturn:
+def fail(err: BaseException | str, status: int = 1) -> NoReturn:
+    """Print `err` as one line on stderr and exit with `status`."""
     if isinstance(err, KeyError) and err.args:
         message = str(err.args[0])
     else:
@@ -173,7 +174,7 @@ def fail(err: BaseException | str) -> NoReturn:
     hint = "" if isinstance(err, (str, app.UsageError)) else " (--verbose shows the traceback)"
     sys.stderr.write(f"{program_name()}: error: {_one_line(message)}{hint}\n")
     sys.stderr.flush()
-    sys.exit(1)
+    sys.exit(status)
 
 
 def run(main: Callable, *, flag_values: flags.FlagValues | None = None) -> NoReturn:

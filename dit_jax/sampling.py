@@ -12,6 +12,11 @@ Outputs in OUT: `grid.png` (the first GRID_MAX samples), `samples/NNNNNN.png`, a
 ADM-evaluator file (`arr_0` uint8 N×H×W×3 = uint8(clip(127.5·x + 128, 0, 255)), `arr_1` labels in
 sample order), written by streaming the chunks so that 50,000 samples never sit in memory at once.
 A latent model sampled without a VAE writes its latents instead (OUT/latents.npz, float32).
+
+OUT/chunks/run.json records the settings and the identity of the weights (a checksum of the
+parameters, and the checkpoint step for a train.py workdir): a resume with other settings or
+other weights (the workdir trained on) is refused rather than mixing two runs in one output, and
+an OUT holding files sample.py did not write is refused before anything is sampled.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import json
 import logging
 import math
 import os
+import re
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -36,7 +42,7 @@ from tqdm import tqdm
 
 from dit_jax import diffusion as diff
 from dit_jax import transport as flow
-from dit_jax.checkpoint import read_run_config
+from dit_jax.checkpoint import digest, is_train_workdir, read_run_config, step_with_checksum
 from dit_jax.distributed import gather_rows
 from dit_jax.models.dit import DiT
 from dit_jax.models.sit import sit_forward
@@ -159,6 +165,9 @@ def run_settings(ckpt: str) -> dict[str, Any]:
                  "diffusion_steps": int(config["diffusion"]["diffusion_steps"]),
                  # Runs from before the option predicted ε, as the official DiT.
                  "prediction": config["diffusion"].get("prediction", "epsilon")}
+        interval = config["sample"].get("guidance_interval")  # the run's grids guided only there
+        if interval:
+            found["guidance_interval"] = tuple(float(v) for v in interval)
         if config.get("objective", "diffusion") == "transport":  # runs from before it: diffusion
             t = config["transport"]
             found.update(sampler=t["sampler"], path_type=t["path_type"],
@@ -367,18 +376,85 @@ def chunk_labels(request: SampleRequest, num_classes: int, chunk: int) -> np.nda
     return np.asarray(labels, np.int32)[:n]
 
 
+def weights_identity(model: DiT, ckpt: str | None = None) -> dict[str, Any]:
+    """{"params_hash": the checksum of the model's parameters (dit_jax.checkpoint.integrity),
+    "checkpoint_step": the workdir checkpoint they came from, or None}."""
+    checksum = digest(nnx.state(model, nnx.Param))
+    step = step_with_checksum(ckpt, checksum) if ckpt and is_train_workdir(ckpt) else None
+    return {"params_hash": checksum, "checkpoint_step": step}
+
+
+def _describe_weights(identity: dict | None) -> str:
+    if not identity:
+        return "weights not recorded (an older sample.py)"
+    step = identity.get("checkpoint_step")
+    return (f"checkpoint step {step}, " if step is not None else "") + \
+        f"params hash {identity.get('params_hash')}"
+
+
+# What sample.py writes into OUT (besides an --npz named there): anything else is not its own.
+OUT_ENTRIES = {"chunks", "samples", "grid.png", "latents.npz", "latents.tmp", "samples.npz",
+               "samples.tmp", "metrics.json"}
+CHUNK_FILE = re.compile(r"\d{6}\.(npz|tmp)|run\.json")
+SAMPLE_FILE = re.compile(r"\d{6}\.png")
+
+
+def check_out_dir(out: Path, npz: str | None = None) -> None:
+    """Refuse an OUT that holds files sample.py did not write (it writes, and on a resume
+    overwrites, OUT/grid.png, samples/, chunks/...): a new or empty directory, or one of its own
+    runs (OUT/chunks/run.json) holding only its own file names."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"--out {out} is a file: name a new or empty directory")
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return
+    if not (out / "chunks" / "run.json").is_file():
+        foreign = entries
+    else:
+        known = set(OUT_ENTRIES)
+        if npz and Path(npz).absolute().parent == out.absolute():
+            known |= {Path(npz).name, Path(npz).with_suffix(".tmp").name}
+        foreign = [name for name in entries if name not in known]
+        for sub, pattern in (("chunks", CHUNK_FILE), ("samples", SAMPLE_FILE)):
+            if (out / sub).is_dir():
+                foreign += [f"{sub}/{p.name}" for p in sorted((out / sub).iterdir())
+                            if not pattern.fullmatch(p.name)]
+            elif (out / sub).exists():
+                foreign.append(sub)
+    if foreign:
+        foreign = sorted(foreign)
+        more = len(foreign) - 3
+        shown = ", ".join(foreign[:3]) + (f" and {more} more" if more > 0 else "")
+        raise ValueError(f"--out {out} holds files sample.py did not write ({shown}); sample into a "
+                         f"new or empty directory (a resume needs the --out of that run)")
+
+
 class ChunkStore:
     """OUT/chunks/NNNNNN.npz ("samples", "labels"), one per finished chunk, plus run.json: the
-    settings they were made with, so that a resume never mixes two different runs."""
+    settings they were made with, including the identity of the weights (`weights_identity`),
+    so that a resume never mixes two different runs."""
 
     def __init__(self, directory: Path, settings: dict[str, Any]):
         self.directory = directory
         self.writer = jax.process_index() == 0
         settings_file = directory / "run.json"
         if settings_file.is_file():
-            previous = json.loads(settings_file.read_text())
+            try:
+                previous = json.loads(settings_file.read_text())
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{settings_file} is not valid JSON ({err}); use another --out or "
+                                 f"delete {directory.parent}") from None
             changed = sorted(k for k in set(previous) | set(settings)
                              if previous.get(k) != settings.get(k))
+            if "weights" in changed:
+                then, now = (_describe_weights(x.get("weights")) for x in (previous, settings))
+                raise ValueError(
+                    f"{directory} holds samples of other weights ({then}) than --ckpt "
+                    f"{settings.get('ckpt')} now ({now}): "
+                    f"resuming would mix two models in one output; use another --out or delete "
+                    f"{directory.parent}")
             if changed:
                 raise ValueError(
                     f"{directory} holds chunks of a different run (settings {changed} differ: "
@@ -472,6 +548,7 @@ def sample(request: SampleRequest, *, mesh: Mesh | None = None, model: DiT | Non
            decoder: Decoder | None = None) -> dict[str, Any]:
     """Run `request`; `mesh` defaults to every device of every host, `model` / `decoder` to what
     request.ckpt / request.vae name. Returns the paths written and the sample labels."""
+    check_out_dir(Path(request.out), request.npz)  # before the weights load, not at the end
     mesh = mesh if mesh is not None else make_mesh()
     transport = transport_for(request)
     if model is None:
@@ -501,6 +578,7 @@ def sample(request: SampleRequest, *, mesh: Mesh | None = None, model: DiT | Non
 
     out = Path(request.out)
     settings = {k: v for k, v in dataclasses.asdict(request).items() if k not in ("out", "npz")}
+    settings["weights"] = weights_identity(model, request.ckpt)
     settings["labels"] = list(request.labels) if request.labels is not None else None
     if request.guidance_interval is not None:  # as JSON reads it back
         settings["guidance_interval"] = list(request.guidance_interval)

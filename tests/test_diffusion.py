@@ -267,6 +267,34 @@ def test_min_snr_weighting_matches_float64_reference(prediction):
         D.create_diffusion("", min_snr_gamma=-1)
 
 
+@pytest.mark.parametrize("prediction", ["epsilon", "start_x", "velocity"])
+def test_start_x_loss_space_is_the_mse_of_the_implied_x0(prediction):
+    # Not official (off by default): whatever the model predicts, the loss is the MSE of the x̂0
+    # it implies, from the float64 equations x_t = a·x0 + b·ε, x̂0 = (x_t - b·ε̂)/a (ε model),
+    # x̂0 = a·x_t - b·v̂ (v model).
+    spaced = D.create_diffusion("", learn_sigma=False, prediction=prediction,
+                                loss_space="start_x")
+    t = np.array([0, 30, 200, 700])
+    x0, noise, out = _loss_inputs(len(t), seed=5)
+    out = out[..., :4]
+    a = np.sqrt(BASE_ABAR[t])[:, None, None, None]
+    b = np.sqrt(1 - BASE_ABAR[t])[:, None, None, None]
+    x_t = a * x0 + b * noise
+    x0_hat = {"epsilon": (x_t - b * out) / a, "start_x": out,
+              "velocity": a * x_t - b * out}[prediction]
+    want = ((x0_hat - x0) ** 2).mean(axis=(1, 2, 3))
+    got = D.training_losses(spaced, lambda x, s: jnp.asarray(out, jnp.float32),
+                            jnp.asarray(x0, jnp.float32), jnp.asarray(t),
+                            jnp.asarray(noise, jnp.float32))
+    np.testing.assert_allclose(got["mse"], want, rtol=2e-4)
+    np.testing.assert_array_equal(got["loss"], got["mse"])
+    assert ("mse_weight" in spaced.tables32) == (prediction != "start_x")
+    with pytest.raises(ValueError, match="loss_space"):
+        D.create_diffusion("", loss_space="x0")
+    with pytest.raises(ValueError, match="choose one"):
+        D.create_diffusion("", loss_space="start_x", min_snr_gamma=5.0)
+
+
 def test_vb_gradient_reaches_only_variance_channels():
     d = D.create_diffusion("")
     x0, noise, out = (jnp.asarray(a, jnp.float32) for a in _loss_inputs(4, seed=1))

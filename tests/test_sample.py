@@ -2,6 +2,7 @@
 device count and from interruptions, and errors for bad inputs."""
 
 import dataclasses
+import json
 
 import jax
 import numpy as np
@@ -194,23 +195,27 @@ def test_resume_equals_uninterrupted(tmp_path, dit_dir, monkeypatch):
 
 def test_bad_inputs(tmp_path, dit_dir):
     with pytest.raises(FileNotFoundError, match="dl.fbaipublicfiles.com.*--ckpt PATH"):
-        _run_cli([f"--ckpt={tmp_path / 'DiT-XL-2-256x256.pt'}", f"--out={tmp_path}"])
+        _run_cli([f"--ckpt={tmp_path / 'DiT-XL-2-256x256.pt'}", f"--out={tmp_path / 'out'}"])
     with pytest.raises(ValueError, match="unknown DiT model 'DiT-XXL/2'"):
-        _run_cli([f"--ckpt={dit_dir}", "--model=DiT-XXL/2", "--vae=none", f"--out={tmp_path}"])
+        _run_cli([f"--ckpt={dit_dir}", "--model=DiT-XXL/2", "--vae=none",
+                  f"--out={tmp_path / 'out'}"])
     with pytest.raises(ValueError, match="not DiT-S/2"):
-        _run_cli([f"--ckpt={dit_dir}", "--model=DiT-S/2", "--vae=none", f"--out={tmp_path}"])
+        _run_cli([f"--ckpt={dit_dir}", "--model=DiT-S/2", "--vae=none",
+                  f"--out={tmp_path / 'out'}"])
     with pytest.raises(ValueError, match="--image-size 256 does not match the model"):
-        _run_cli([f"--ckpt={dit_dir}", "--image-size=256", "--vae=none", f"--out={tmp_path}"])
+        _run_cli([f"--ckpt={dit_dir}", "--image-size=256", "--vae=none",
+                  f"--out={tmp_path / 'out'}"])
     with pytest.raises(ValueError, match="label 10 is out of range"):
-        _run_cli([f"--ckpt={dit_dir}", "--labels=1,10", "--vae=none", f"--out={tmp_path}"])
+        _run_cli([f"--ckpt={dit_dir}", "--labels=1,10", "--vae=none",
+                  f"--out={tmp_path / 'out'}"])
     no_null = random_dit(seed=2, depth=1, hidden_size=64, num_heads=4, patch_size=2,
                          input_size=LATENT, num_classes=NUM_CLASSES, class_dropout_prob=0.0)
     save_model(tmp_path / "no_null", no_null)
     with pytest.raises(ValueError, match="needs a null class.*--cfg-scale=1"):
         _run_cli([f"--ckpt={tmp_path / 'no_null'}", "--vae=none", "--cfg-scale=4",
-                  f"--out={tmp_path}"])
+                  f"--out={tmp_path / 'out'}"])
     with pytest.raises(app.UsageError, match="--ckpt is required.*DiT-XL-2-256x256.pt"):
-        _run_cli([f"--out={tmp_path}"])
+        _run_cli([f"--out={tmp_path / 'out'}"])
     with pytest.raises(app.UsageError, match=r"flag --sampler=euler: value should be one of"):
         _run_cli([f"--ckpt={dit_dir}", "--sampler=euler"])
 
@@ -234,12 +239,17 @@ def test_cli_takes_a_train_workdirs_own_settings(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     _run_cli([f"--ckpt={workdir}", "--labels=0,1"])
+    # The chunks record which weights they came from: the EMA of checkpoint 1.
+    run = json.loads((tmp_path / "samples" / "chunks" / "run.json").read_text())
+    assert run["weights"]["checkpoint_step"] == 1
     grid = np.asarray(Image.open(tmp_path / "samples" / "grid.png"))
     assert grid.dtype == np.uint8 and grid.shape == (2 + 18, 2 + 2 * 18, 3)  # 16 px + padding
     assert len(np.unique(grid)) > 8  # drawn, not blank
     request = sample_script.request_from_flags()
     assert (request.vae, request.image_size, request.clip_denoised, request.diffusion_steps,
             request.prediction) == ("none", 16, True, 500, "velocity")
+    # The run's grids guided only at high noise (configs/demo.py): so do its samples.
+    assert request.guidance_interval == tuple(float(v) for v in config.sample.guidance_interval)
 
     # Flags given explicitly win over the workdir's settings.
     flags.FLAGS.unparse_flags()
@@ -247,3 +257,37 @@ def test_cli_takes_a_train_workdirs_own_settings(tmp_path, monkeypatch):
                                "--diffusion-steps=1000"])
     request = sample_script.request_from_flags()
     assert (request.vae, request.clip_denoised, request.diffusion_steps) == ("none", False, 1000)
+    flags.FLAGS.unparse_flags()
+    sample_script.parse_flags(["sample.py", f"--ckpt={workdir}", "--guidance-interval=0,999"])
+    assert sample_script.request_from_flags().guidance_interval == (0.0, 999.0)
+
+
+def test_resume_refuses_other_weights_and_foreign_outputs(tmp_path, dit_dir):
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(dit_dir, ckpt)
+    kw = dict(num_samples=2, batch_size=2, sampler="ddim")
+    _latents(ckpt, tmp_path / "out", make_mesh(), **kw)
+    recorded = json.loads((tmp_path / "out" / "chunks" / "run.json").read_text())["weights"]
+    assert recorded["checkpoint_step"] is None and len(recorded["params_hash"]) == 16
+    # The same path now holds other weights (a workdir trained on): no mixing of two models.
+    save_model(ckpt, random_dit(seed=1, std=0.05, depth=2, hidden_size=64, num_heads=4,
+                                patch_size=2, input_size=LATENT, num_classes=NUM_CLASSES))
+    with pytest.raises(ValueError, match=f"holds samples of other weights \\(params hash "
+                                         f"{recorded['params_hash']}\\) .*would mix two models"):
+        _latents(ckpt, tmp_path / "out", make_mesh(), **kw)
+
+    # Files sample.py did not write: refused up front, before the weights are read.
+    foreign = tmp_path / "foreign"
+    (foreign / "chunks").mkdir(parents=True)
+    np.savez(foreign / "chunks" / "000000.npz", images=np.zeros((2, 8, 8, 3), np.uint8))
+    missing = str(tmp_path / "no_such_ckpt")
+    with pytest.raises(ValueError, match=r"--out .*foreign holds files sample.py did not write "
+                                         r"\(chunks\)"):
+        sampling.sample(SampleRequest(ckpt=missing, vae="none", out=str(foreign)))
+    shutil.copytree(tmp_path / "out", tmp_path / "extra")
+    (tmp_path / "extra" / "notes.txt").write_text("mine")
+    (tmp_path / "extra" / "chunks" / "keep.npz").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"did not write \(chunks/keep.npz, notes.txt\)"):
+        sampling.sample(SampleRequest(ckpt=missing, vae="none", out=str(tmp_path / "extra")))

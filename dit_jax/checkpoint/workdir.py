@@ -19,10 +19,15 @@ and a step directory appears under its final name only once complete, so a run k
 leaves the previous checkpoints intact (the unfinished temporary directory is removed at the
 next start). Retention: the newest `keep` checkpoints plus every `keep_every`-th step forever.
 
-A checkpoint that exists but cannot be read (truncated or corrupt files): restoring falls back to
-the next older one, logs a warning, and moves the unreadable ones to WORKDIR/corrupt_checkpoints/
-so that the resumed run can save those steps again. When no checkpoint can be read at all (which
-is also what a changed model config looks like), restoring raises and nothing is moved.
+Every save records a content checksum of each array item (params, ema, opt_state) in its meta
+(`dit_jax.checkpoint.integrity`: computed on the devices, independent of the mesh) and refuses a
+state with a non-finite value; every restore recomputes the checksums and checks the values
+finite. A checkpoint that exists but cannot be read (truncated or corrupt files, a checksum that
+differs, a non-finite value): restoring falls back to the next older one, logs a warning, and
+moves the unreadable ones to WORKDIR/corrupt_checkpoints/ so that the resumed run can save those
+steps again. When no checkpoint can be read at all, restoring raises and nothing is moved.
+Checkpoints never read the run's log. `check_resume` compares the model and optimiser config a
+resume asks for with those the newest checkpoint was saved with.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
+from dit_jax.checkpoint.integrity import digests
 from dit_jax.checkpoint.model import CONFIG_FILE, config_from_dict, config_to_dict
 from dit_jax.distributed import on_every_host, wait_for_every_host
 from dit_jax.models.dit import DiT, DiTConfig, split_model
@@ -52,6 +58,27 @@ log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
 CORRUPT_DIR = "corrupt_checkpoints"
 RUN_CONFIG_FILE = "config.json"  # the resolved training config
+ARRAY_ITEMS = ("params", "ema", "opt_state")  # the checksummed items of a checkpoint
+# DiTConfig fields a resume may change: they change how the model computes, not what its weights
+# mean. class_dropout_prob may change too, as long as it stays zero or non-zero (whether the
+# label table has the null row).
+RESUME_FREE_MODEL_FIELDS = ("dtype", "attention_impl", "remat", "numerics", "class_dropout_prob")
+# Optimiser fields the saved state depends on: Adam's moments are averages with these decays. The
+# others (lr, schedule, clipping, weight decay and its mask, EMA decay, accumulation) may change
+# on a resume, as after a loss spike.
+RESUME_FIXED_OPTIM_FIELDS = ("b1", "b2")
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint's arrays were read but are not what was saved (checksum) or not finite."""
+
+
+class ResumeMismatchError(ValueError):
+    """A resume asks for a model or optimiser that differs from the checkpoints'."""
+
+
+class NonFiniteStateError(FloatingPointError):
+    """A state with NaN or infinite values was handed to `Checkpoints.save`; nothing was saved."""
 
 
 class Checkpoints:
@@ -84,10 +111,23 @@ class Checkpoints:
         steps = self.all_steps()
         return steps[-1] if steps else None
 
-    def save(self, state, *, data_state: dict, model_config: DiTConfig) -> int:
+    def save(self, state, *, data_state: dict, model_config: DiTConfig,
+             optim_config: dict | None = None) -> int:
+        """Save `state` (asynchronously), with the checksums of its arrays, the model config
+        and `optim_config` (the optimiser settings, for `check_resume`). Raises
+        NonFiniteStateError, saving nothing, when a value is not finite."""
         step = int(jax.device_get(state.step))
+        sums = digests({name: getattr(state, name) for name in ARRAY_ITEMS})
+        bad = [name for name, (_, finite) in sums.items() if not finite]
+        if bad:
+            raise NonFiniteStateError(
+                f"step {step}: {' and '.join(bad)} hold NaN or infinite values; not saved. The "
+                f"newest checkpoint in {self.directory} is {self.latest_step()}")
         meta = {"step": step, "rng": np.asarray(jax.device_get(state.rng)).tolist(),
-                "model_config": config_to_dict(model_config), "time": time.time()}
+                "model_config": config_to_dict(model_config), "time": time.time(),
+                "checksums": {name: checksum for name, (checksum, _) in sums.items()}}
+        if optim_config is not None:
+            meta["optim"] = dict(optim_config)
         self.manager.save(step, args=ocp.args.Composite(
             params=ocp.args.PyTreeSave(state.params),
             ema=ocp.args.PyTreeSave(state.ema),
@@ -142,11 +182,37 @@ class Checkpoints:
         meta = out.meta
         if int(meta["step"]) != step:
             raise ValueError(f"checkpoint directory {step} holds step {meta['step']}")
+        verify(step, {name: getattr(out, name) for name in ARRAY_ITEMS}, meta)
         state = abstract_state.replace(
             step=place(np.asarray(step, np.int32), shardings.step),
             params=out.params, ema=out.ema, opt_state=out.opt_state,
             rng=place(np.asarray(meta["rng"], np.uint32), shardings.rng))
         return state, dict(out.data)
+
+    def meta(self, step: int) -> dict:
+        """The meta item (JSON) of checkpoint `step`."""
+        return dict(self.manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore())).meta)
+
+    def check_resume(self, model_config: DiTConfig, optim_config: dict) -> None:
+        """Raise ResumeMismatchError naming every difference between the model and optimiser
+        config of a resume and those of the newest checkpoint whose meta can be read (nothing to
+        check when there is none: a fresh run, or unreadable checkpoints that `restore` sets
+        aside). Changes that leave the weights' meaning alone pass (RESUME_FREE_MODEL_FIELDS, and
+        optimiser fields other than RESUME_FIXED_OPTIM_FIELDS)."""
+        for step in reversed(self.all_steps()):
+            try:
+                meta = self.meta(step)
+            except Exception:  # noqa: BLE001 — an unreadable checkpoint is restore's business
+                continue
+            differences = resume_differences(meta, model_config, optim_config)
+            if differences:
+                raise ResumeMismatchError(
+                    f"{self.workdir} holds a run with another model or optimiser (checkpoint "
+                    f"{step}): {'; '.join(differences)}. Resume with the run's own values, or "
+                    f"start the changed run in a new workdir (init_from=WORKDIR fine-tunes the "
+                    f"old weights when the shapes fit)")
+            return
 
     def _set_aside(self, steps: list[int]) -> None:
         if jax.process_index() == 0:
@@ -171,6 +237,42 @@ class Checkpoints:
 # costs one small compiled slice per array shape and device on the first save; worth it only
 # for arrays whose slices are big.
 REPLICA_PARALLEL_MIN_BYTES = 1 << 20
+
+
+def verify(step: int, items: dict[str, Any], meta: dict) -> None:
+    """Raise CorruptCheckpointError unless the restored `items` are finite and match the
+    checksums in `meta` (checkpoints saved before checksums existed are checked finite only)."""
+    stored = meta.get("checksums", {})
+    for name, (checksum, finite) in digests(items).items():
+        if name in stored and stored[name] != checksum:
+            raise CorruptCheckpointError(
+                f"checkpoint {step}: the {name} read back have checksum {checksum}, saved with "
+                f"{stored[name]} (the files changed after they were written)")
+        if not finite:
+            raise CorruptCheckpointError(f"checkpoint {step}: the {name} hold NaN or infinite "
+                                         f"values")
+
+
+def resume_differences(meta: dict, model_config: DiTConfig, optim_config: dict) -> list[str]:
+    """'key old → new' for every difference that a resume from the checkpoint of `meta` cannot
+    take (see `Checkpoints.check_resume`)."""
+    out = []
+    stored = meta.get("model_config", {})
+    wanted = config_to_dict(model_config)
+    for key in sorted(set(stored) | set(wanted)):
+        old, new = stored.get(key), wanted.get(key)
+        if key in RESUME_FREE_MODEL_FIELDS:
+            if key == "class_dropout_prob" and old is not None and (old > 0) != (new > 0):
+                out.append(f"model.{key} {old} → {new} (the null class row)")
+            continue
+        if old != new:
+            out.append(f"model.{key} {old} → {new}")
+    stored_optim = meta.get("optim")
+    if stored_optim is not None:
+        for key in RESUME_FIXED_OPTIM_FIELDS:
+            if key in stored_optim and stored_optim[key] != optim_config.get(key):
+                out.append(f"optim.{key} {stored_optim[key]} → {optim_config.get(key)}")
+    return out
 
 
 def _type_handler_registry():
@@ -232,6 +334,22 @@ def load_model_config(workdir: str | Path, step: int | None = None) -> DiTConfig
     return config_from_dict(json.loads(path.read_text()))
 
 
+def step_with_checksum(workdir: str | Path, checksum: str) -> int | None:
+    """The newest checkpoint of `workdir` one of whose items was saved with `checksum` (how
+    sample.py names the step of weights read out of a workdir); None when there is none."""
+    directory = Path(workdir) / CHECKPOINT_DIR
+    steps = sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit()), reverse=True) \
+        if directory.is_dir() else []
+    for step in steps:
+        try:
+            meta = json.loads((directory / str(step) / "meta" / "metadata").read_text())
+        except (OSError, ValueError):
+            continue
+        if checksum in meta.get("checksums", {}).values():
+            return step
+    return None
+
+
 # --------------------------------------------------------------------------------------------
 # A model out of a workdir
 
@@ -261,8 +379,10 @@ def restore_model(workdir: str | Path, *, which: str = "ema", step: int | None =
             graphdef, abstract, _ = split_model(cfg)
             target = abstract_with_shardings(abstract, state_shardings(abstract, mesh))
             try:
-                weights = checkpoints.manager.restore(candidate, args=ocp.args.Composite(
-                    **{which: _restore_args(target)}))[which]
+                out = checkpoints.manager.restore(candidate, args=ocp.args.Composite(
+                    **{which: _restore_args(target)}, meta=ocp.args.JsonRestore()))
+                weights = out[which]
+                verify(candidate, {which: weights}, dict(out.meta))
             except Exception as err:  # noqa: BLE001 — fall back as the training restore does
                 if step is not None:
                     raise
@@ -277,6 +397,7 @@ def restore_model(workdir: str | Path, *, which: str = "ema", step: int | None =
         checkpoints.close()
 
 
-__all__ = ["CHECKPOINT_DIR", "RUN_CONFIG_FILE", "Checkpoints", "load_model_config", "read_run_config",
-           "restore_model", "write_run_config"]
+__all__ = ["CHECKPOINT_DIR", "RUN_CONFIG_FILE", "Checkpoints", "CorruptCheckpointError",
+           "NonFiniteStateError", "ResumeMismatchError", "load_model_config", "read_run_config",
+           "restore_model", "resume_differences", "step_with_checksum", "verify", "write_run_config"]
 

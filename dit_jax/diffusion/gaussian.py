@@ -165,7 +165,8 @@ class GaussianDiffusion:
 
     def __init__(self, betas, *, timestep_map=None, original_num_steps=None,
                  model_mean_type: str = "epsilon", model_var_type: str = "learned_range",
-                 loss_type: str = "mse", min_snr_gamma: float = 0.0):
+                 loss_type: str = "mse", min_snr_gamma: float = 0.0,
+                 loss_space: str = "target"):
         betas = np.array(betas, dtype=np.float64)
         if betas.ndim != 1 or not ((betas > 0).all() and (betas <= 1).all()):
             raise ValueError("betas must be 1-D and in (0, 1]")
@@ -180,6 +181,12 @@ class GaussianDiffusion:
             raise ValueError(f"unknown loss_type {loss_type!r}")
         if min_snr_gamma < 0:
             raise ValueError(f"min_snr_gamma must be >= 0 (0: off), got {min_snr_gamma}")
+        if loss_space not in ("target", "start_x"):
+            raise ValueError(f"loss_space must be 'target' or 'start_x', got {loss_space!r}")
+        if loss_space == "start_x" and min_snr_gamma:
+            raise ValueError("min_snr_gamma and loss_space='start_x' both set the x0-space "
+                             "weight of the MSE: choose one")
+        self.loss_space = loss_space
         self.model_mean_type = model_mean_type
         self.min_snr_gamma = float(min_snr_gamma)
         self.model_var_type = model_var_type
@@ -225,6 +232,9 @@ class GaussianDiffusion:
         if self.min_snr_gamma:
             f32["mse_weight"] = min_snr_weights(self.alphas_cumprod, self.min_snr_gamma,
                                                 model_mean_type).astype(np.float32)
+        elif loss_space == "start_x" and model_mean_type != "start_x":
+            f32["mse_weight"] = target_weights(self.alphas_cumprod, 1.0,
+                                               model_mean_type).astype(np.float32)
         if model_var_type in fixed:
             f32["fixed_variance"] = fixed[model_var_type][0].astype(np.float32)
             f32["fixed_log_variance"] = fixed[model_var_type][1].astype(np.float32)
@@ -272,7 +282,7 @@ def create_diffusion(timestep_respacing="", noise_schedule: str = "linear", use_
                      sigma_small: bool = False, predict_xstart: bool = False,
                      learn_sigma: bool = True, rescale_learned_sigmas: bool = False,
                      diffusion_steps: int = 1000, prediction: str | None = None,
-                     min_snr_gamma: float = 0.0) -> GaussianDiffusion:
+                     min_snr_gamma: float = 0.0, loss_space: str = "target") -> GaussianDiffusion:
     """The official `create_diffusion`: DiT trains with `create_diffusion("")` (1000 steps,
     linear, ε prediction, learned-range variance, MSE + VB) and samples with
     `create_diffusion("250")`.
@@ -285,6 +295,9 @@ def create_diffusion(timestep_respacing="", noise_schedule: str = "linear", use_
     posterior variance β̃_t. prediction (not official): what the model predicts, "epsilon",
     "start_x" or "velocity"; None: as predict_xstart says (the official switch).
     min_snr_gamma (not official; 0: off): weigh each step's MSE by min-SNR-γ (`min_snr_weights`).
+    loss_space (not official): "target" (official), the MSE of what the model predicts; or
+    "start_x", the MSE of the x̂0 it implies (`target_weights` with x0 weight 1): a v model then
+    learns with the x0 model's weighting but keeps its skip path, x̂0 = sqrt(ᾱ)·x_t - sqrt(1-ᾱ)·v̂.
     """
     betas = get_named_beta_schedule(noise_schedule, diffusion_steps)
     if use_kl:
@@ -306,7 +319,7 @@ def create_diffusion(timestep_respacing="", noise_schedule: str = "linear", use_
         model_mean_type=prediction or ("start_x" if predict_xstart else "epsilon"),
         model_var_type=("learned_range" if learn_sigma
                         else "fixed_small" if sigma_small else "fixed_large"),
-        loss_type=loss_type, min_snr_gamma=min_snr_gamma)
+        loss_type=loss_type, min_snr_gamma=min_snr_gamma, loss_space=loss_space)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -386,10 +399,18 @@ def min_snr_weights(alphas_cumprod: np.ndarray, gamma: float, model_mean_type: s
     min(SNR, γ) for x0. Caps the weight of the easy low-noise steps, so training spends itself on
     the noise levels where the image's layout is decided."""
     abar = np.asarray(alphas_cumprod, np.float64)
+    return target_weights(abar, np.minimum(abar / (1.0 - abar), gamma), model_mean_type)
+
+
+def target_weights(alphas_cumprod: np.ndarray, x0_weight, model_mean_type: str) -> np.ndarray:
+    """The weights of the model target's MSE, float64, one per step, that weigh the implied x̂0's
+    squared error by `x0_weight` (a number or one per step): an ε error is an x0 error × sqrt(SNR),
+    a v error × sqrt(SNR + 1), with SNR = ᾱ/(1-ᾱ)."""
+    abar = np.asarray(alphas_cumprod, np.float64)
     snr = abar / (1.0 - abar)
-    capped = np.minimum(snr, gamma)
-    return {"epsilon": capped / snr, "velocity": capped / (snr + 1.0),
-            "start_x": capped}[model_mean_type]
+    x0_weight = np.broadcast_to(np.asarray(x0_weight, np.float64), abar.shape)
+    return {"epsilon": x0_weight / snr, "velocity": x0_weight / (snr + 1.0),
+            "start_x": x0_weight}[model_mean_type]
 
 
 def velocity_target(diffusion: GaussianDiffusion, x_start, t, noise):
@@ -501,7 +522,7 @@ def training_losses(diffusion: GaussianDiffusion, model_fn: ModelFn, x_start: ja
     else:
         target = x_start if diffusion.model_mean_type == "start_x" else noise
     terms["mse"] = mean_flat((target - mean_out) ** 2)
-    if diffusion.min_snr_gamma:
+    if "mse_weight" in diffusion.tables32:  # min-SNR-γ or loss_space="start_x"
         terms["mse"] = terms["mse"] * diffusion.extract("mse_weight", t, 1)
     terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
     return terms

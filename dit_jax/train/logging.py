@@ -19,6 +19,7 @@ log) one plain line per logged step: `step 100/1200 (8%) loss 0.1234 ... eta 5m1
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 import time
@@ -30,15 +31,31 @@ from tqdm import tqdm
 
 from dit_jax.flops import peak_flops_per_device
 
+log = logging.getLogger(__name__)
+
 LOG_FILE = "log.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
 
 def read_log(workdir: str | Path) -> list[dict[str, Any]]:
+    """The records of WORKDIR/log.jsonl. A torn last line (a write cut short: a full disk, a
+    killed run) is skipped with a warning; a bad line elsewhere is an error naming it."""
     path = Path(workdir) / LOG_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [(n, line) for n, line in enumerate(
+        path.read_text(errors="replace").splitlines(), 1) if line.strip()]
+    records = []
+    for i, (number, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if i == len(lines) - 1:
+                log.warning("%s: skipping its torn last line %d (%s)", path, number, err)
+                break
+            raise ValueError(f"{path} line {number} is not JSON ({err}); delete that line (or "
+                             f"the file: checkpoints do not depend on it)") from None
+    return records
 
 
 class MetricWriter:

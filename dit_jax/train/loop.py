@@ -16,9 +16,15 @@ Read top to bottom, a run:
 Metrics are fetched from the devices only at those points, so the host runs ahead of the devices
 in between. Every checkpoint is preceded by such a fetch, and a non-finite loss or gradient norm
 in any step since the previous fetch stops the run (`NonFiniteLossError`) before anything is
-saved: the newest checkpoint is always one whose every step had a finite loss. The logged loss,
-mse, vb and grad_norm are means over the steps since the previous log line; lr is that of the
-logged step.
+saved: the newest checkpoint is always one whose every step had a finite loss (and whose values
+were checked finite when saved and against their checksums when restored, dit_jax.checkpoint).
+The logged loss, mse, vb and grad_norm are means over the steps since the previous log line; lr
+is that of the logged step.
+
+Before anything is built, the config's values are checked (`validate_config`) and the workdir is
+locked against a second trainer (`dit_jax.checkpoint.lock`); a resume must ask for the model and
+optimiser of its checkpoints (`Checkpoints.check_resume`), and config.json / model_config.json
+are written only once the state is restored or created.
 """
 
 from __future__ import annotations
@@ -35,12 +41,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from dit_jax.checkpoint import Checkpoints, write_run_config
+from dit_jax.checkpoint import (Checkpoints, NonFiniteStateError, ResumeMismatchError,
+                                WorkdirLock, WorkdirLockedError, write_run_config)
 from dit_jax.data import BatchIterator, Source, make_batches, make_source
 from dit_jax.data.builtin import shape_accuracy, shape_score
 from dit_jax.data.folder import save_class_mapping
 from dit_jax.diffusion import create_diffusion
-from dit_jax.distributed import initialize_distributed
+from dit_jax.distributed import initialize_distributed, on_every_host
 from dit_jax.evaluation import FeatureExtractor, load_inception, read_set
 from dit_jax.evaluation.suite import features_of
 from dit_jax.flops import train_flops_per_image
@@ -67,15 +74,43 @@ class NonFiniteLossError(FloatingPointError):
     """A step produced a NaN or infinite loss or gradient norm; the run stopped without saving."""
 
 
+class ConfigError(ValueError):
+    """A training config value that cannot work (found before anything is built)."""
+
+
+# What train.py reports as one line (the run cannot start as asked), and what stops a run on a
+# non-finite value.
+SETUP_ERRORS = (ConfigError, WorkdirLockedError, ResumeMismatchError)
+NON_FINITE_ERRORS = (NonFiniteLossError, NonFiniteStateError)
+
+
 def train(config, workdir: str | os.PathLike) -> dict[str, Any]:
     """Train (or resume) the run of `config` in `workdir`. Returns {"step": the last step,
     "start": the step it began at, "status": "completed" | "preempted" | "complete" (nothing
     to do: the workdir had finished total_steps before), "metrics": the last logged metrics}."""
     workdir = Path(workdir).absolute()
     config = config.copy_and_resolve_references()  # resolved below; the caller's stays as given
-    if config.model.get("condition", "class") == "text":
-        return train_text(config, workdir, make_objective)  # captions: dit_jax/train/text.py
+    validate_config(config)
+    lock = WorkdirLock(workdir)
+    # Process 0 holds the lock for all hosts (they share the workdir); all of them stop if it
+    # cannot, each with its reason.
+    error = None
+    if jax.process_index() == 0:
+        try:
+            lock.acquire()
+        except WorkdirLockedError as err:
+            error = err
+    if not on_every_host(error is None):
+        raise error or WorkdirLockedError(f"process 0 could not lock {lock.path}")
+    try:
+        if config.model.get("condition", "class") == "text":
+            return train_text(config, workdir, make_objective)  # captions: dit_jax/train/text.py
+        return _train(config, workdir)
+    finally:
+        lock.release()
 
+
+def _train(config, workdir: Path) -> dict[str, Any]:
     # 1. Data and model.
     vae = training_vae(config)
     source = training_source(config, vae)
@@ -95,7 +130,6 @@ def _run(config, workdir: Path, source: Source, model_cfg: DiTConfig, mesh: Mesh
     host0 = jax.process_index() == 0
     total_steps = int(config.total_steps)
     global_batch = int(config.global_batch_size)
-    write_run_config(workdir, config, model_cfg)
 
     # 3. State: resume, or start fresh.
     tx, schedule = make_optimizer(config.optim, total_steps)
@@ -106,6 +140,8 @@ def _run(config, workdir: Path, source: Source, model_cfg: DiTConfig, mesh: Mesh
     buffers = model_buffers(model_cfg, mesh)
     checkpoints = Checkpoints(workdir, keep=config.keep_checkpoints, keep_every=config.keep_every,
                               async_save=config.async_checkpointing)
+    optim_config = config.optim.to_dict()
+    checkpoints.check_resume(model_cfg, optim_config)
     restored = checkpoints.restore(abstract, shardings)
     if restored is not None:
         state, data_state = restored
@@ -115,6 +151,8 @@ def _run(config, workdir: Path, source: Source, model_cfg: DiTConfig, mesh: Mesh
                                    init_params=_initial_params(config, model_cfg))
         data_state = None
     start = int(jax.device_get(state.step))
+    # Only now: a resume that fails leaves the files describing the checkpoints that are there.
+    write_run_config(workdir, config, model_cfg)
     if start >= total_steps:  # a finished run: nothing to compile or load
         checkpoints.close()
         return {"step": start, "start": start, "status": "complete",
@@ -202,7 +240,8 @@ def _run(config, workdir: Path, source: Source, model_cfg: DiTConfig, mesh: Mesh
                 window = []
                 throughput.restart(step)
             if save_now:
-                checkpoints.save(state, data_state=batches.get_state(), model_config=model_cfg)
+                checkpoints.save(state, data_state=batches.get_state(), model_config=model_cfg,
+                                 optim_config=optim_config)
             if eval_now:
                 value = fid(state.ema, buffers)
                 writer.write(step, {"fid": value})
@@ -323,6 +362,69 @@ def report_skipped(batches: BatchIterator, reported: int | None) -> int | None:
     return total
 
 
+# (key, what it is, smallest allowed value): integers checked before anything is built.
+_INT_BOUNDS = (
+    ("total_steps", "the steps to train", 1),
+    ("global_batch_size", "the batch of one step", 1),
+    ("log_every", "steps between log lines", 1),
+    ("checkpoint_every", "steps between checkpoints", 1),
+    ("keep_checkpoints", "how many recent checkpoints are kept", 1),
+    ("keep_every", "every Kth checkpoint kept forever (0: none)", 0),
+    ("sample_every", "steps between sample grids (0: none)", 0),
+    ("eval.every", "steps between FID evaluations (0: none)", 0),
+    ("optim.accum_steps", "microbatches per step", 1),
+    ("optim.warmup_steps", "warmup steps", 0),
+    ("data.num_workers", "data loading threads", 0),
+    ("diffusion.diffusion_steps", "diffusion timesteps", 1),
+)
+# Checked only when the feature they belong to is on (key of the switch).
+_INT_BOUNDS_WHEN = (
+    ("sample_every", ("sample.num_images", "images per sample grid", 1)),
+    ("sample_every", ("sample.steps", "sampling steps of the grids", 1)),
+    ("eval.every", ("eval.num_samples", "samples per FID evaluation", 1)),
+    ("eval.every", ("eval.batch_size", "samples per FID batch", 1)),
+)
+
+
+def _config_value(config, key: str):
+    value = config
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
+def validate_config(config) -> None:
+    """Raise ConfigError, naming the key, for a value that cannot work (a non-positive
+    interval, a negative count, an EMA decay outside [0, 1]...), before anything is built."""
+    def check_int(key, meaning, low):
+        try:
+            value = _config_value(config, key)
+        except KeyError:
+            return  # a config without that key: the code's default applies
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            bound = "a positive integer" if low == 1 else "an integer >= 0"
+            raise ConfigError(f"config.{key}={value!r}: must be {bound} ({meaning}); set "
+                              f"--config.{key}")
+
+    for key, meaning, low in _INT_BOUNDS:
+        check_int(key, meaning, low)
+    for switch, (key, meaning, low) in _INT_BOUNDS_WHEN:
+        if _config_value(config, switch) > 0:
+            check_int(key, meaning, low)
+    for key, low, high in (("optim.ema_decay", 0.0, 1.0), ("optim.lr", 0.0, float("inf")),
+                           ("optim.grad_clip", 0.0, float("inf")),
+                           ("optim.weight_decay", 0.0, float("inf"))):
+        value = _config_value(config, key)
+        if not (isinstance(value, (int, float)) and low <= value <= high):
+            raise ConfigError(f"config.{key}={value!r}: must be a number in [{low}, {high}]; set "
+                              f"--config.{key}")
+    for axis in ("data", "fsdp", "tensor"):
+        value = config.mesh[axis]
+        if isinstance(value, bool) or not isinstance(value, int) or value == 0 or value < -1:
+            raise ConfigError(f"config.mesh.{axis}={value!r}: must be a positive size, or -1 for "
+                              f"the devices the other axes leave; set --config.mesh.{axis}")
+
+
 def _check_batch(config, mesh: Mesh) -> None:
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     batch, accum = int(config.global_batch_size), int(config.optim.accum_steps)
@@ -425,7 +527,9 @@ def make_objective(config, model_cfg: DiTConfig):
                             learn_sigma=model_cfg.learn_sigma,
                             diffusion_steps=int(config.diffusion.diffusion_steps),
                             prediction=config.diffusion.prediction,
-                            min_snr_gamma=float(config.diffusion.min_snr_gamma))
+                            min_snr_gamma=float(config.diffusion.min_snr_gamma),
+                            # Not in configs/dit.py (the official recipe): configs/small.py sets it.
+                            loss_space=config.diffusion.get("loss_space", "target"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -483,7 +587,7 @@ def ema_sampler(graphdef, abstract_weights: tuple, model_cfg: DiTConfig, config,
     return ChunkSampler(
         graphdef, abstract_weights, mesh=mesh, batch_size=batch_size, seed=int(config.seed),
         sampler=config.transport.sampler if transport else s.sampler, steps=int(s.steps),
-        cfg_scale=cfg_scale,
+        cfg_scale=cfg_scale, guidance_interval=_interval(s.get("guidance_interval")),
         decoder=(None if config.vae == "none" else  # the training VAE when there is one
                  Decoder.of(vae) if vae is not None else load_vae_decoder(config.vae)),
         # x̂0 clipping is a diffusion-sampler option; transport samplers run unclipped.
@@ -491,6 +595,16 @@ def ema_sampler(graphdef, abstract_weights: tuple, model_cfg: DiTConfig, config,
         noise_schedule=config.diffusion.noise_schedule,
         diffusion_steps=int(config.diffusion.diffusion_steps),
         prediction="epsilon" if transport else config.diffusion.prediction, **transport)
+
+
+def _interval(value) -> tuple[float, float] | None:
+    """config.sample.guidance_interval, (lo, hi) in the model's time, or None (guide every step);
+    not in configs/dit.py (the official recipe guides every step)."""
+    if value is None or len(value) == 0:
+        return None
+    if len(value) != 2:
+        raise ValueError(f"config.sample.guidance_interval must be (lo, hi), got {value!r}")
+    return float(value[0]), float(value[1])
 
 
 class TrainingFID:
@@ -533,5 +647,6 @@ def _latent_encoder(vae_graphdef):
     return encoder
 
 
-__all__ = ["NonFiniteLossError", "PREEMPTED_EXIT_CODE", "SampleGrids", "initialize_distributed",
-           "run_model_config", "train", "training_source", "training_vae"]
+__all__ = ["ConfigError", "NON_FINITE_ERRORS", "NonFiniteLossError", "PREEMPTED_EXIT_CODE",
+           "SETUP_ERRORS", "SampleGrids", "initialize_distributed", "run_model_config", "train",
+           "training_source", "training_vae", "validate_config"]
