@@ -48,12 +48,14 @@ LOGICAL_AXIS_RULES: dict[str, Any] = {
     "freq": None,
     "embed_in": None,
     "patch_out": None,
+    "caption": None,  # the text encoder's width at the caption projection's input (PixArt-α)
     # The T5 text encoder (dit_jax.models.t5): its token table splits along embed like every
     # weight; the position-bias table and the norm scales are small and replicated.
     "vocab": None,
     "buckets": None,
     "norm": None,
 }
+
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
               devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -85,8 +85,8 @@ TRAIN_DICT_ENTRIES = ("model", "ema")
 OFFICIAL_CLASS_DROPOUT = 0.1
 
 
-def _missing(path) -> FileNotFoundError:
-    return FileNotFoundError(f"checkpoint not found: {path}. {DOWNLOAD_HELP}")
+def _missing(path, download_help: str = DOWNLOAD_HELP) -> FileNotFoundError:
+    return FileNotFoundError(f"checkpoint not found: {path}. {download_help}")
 
 
 def _hw(size) -> tuple[int, int]:
@@ -620,11 +620,11 @@ def save_diffusers(model: DiT, folder: str | os.PathLike) -> Path:
     return folder
 
 
-def _diffusers_folder(folder_or_hub_id) -> Path:
+def _diffusers_folder(folder_or_hub_id, download_help: str = DOWNLOAD_HELP) -> Path:
     path = Path(folder_or_hub_id)
     if not path.exists():
         if not looks_like_hub_id(str(folder_or_hub_id)):
-            raise _missing(path)
+            raise _missing(path, download_help)
         from huggingface_hub import snapshot_download
 
         try:
@@ -635,16 +635,17 @@ def _diffusers_folder(folder_or_hub_id) -> Path:
         except Exception as e:  # offline, unknown repo, gated repo: all mean "not available"
             raise FileNotFoundError(
                 f"{folder_or_hub_id} is not a local path and could not be fetched from the Hugging "
-                f"Face hub ({type(e).__name__}: {e}). {DOWNLOAD_HELP}") from e
+                f"Face hub ({type(e).__name__}: {e}). {download_help}") from e
     # A pipeline repo (facebook/DiT-XL-2-256) keeps the model in transformer/.
     if not (path / "config.json").is_file() and (path / "transformer" / "config.json").is_file():
         path = path / "transformer"
     if not (path / "config.json").is_file():
-        raise _missing(path / "config.json")
+        raise _missing(path / "config.json", download_help)
     return path
 
 
-def _read_diffusers_weights(folder: Path) -> dict[str, np.ndarray]:
+def _read_diffusers_weights(folder: Path, download_help: str = DOWNLOAD_HELP
+                            ) -> dict[str, np.ndarray]:
     from safetensors.torch import load_file
 
     stem = "diffusion_pytorch_model"
@@ -658,7 +659,7 @@ def _read_diffusers_weights(folder: Path) -> dict[str, np.ndarray]:
             return {k: _numpy(v) for f in files for k, v in reader(folder / f).items()}
     if (folder / f"{stem}.bin").is_file():
         return read_checkpoint(folder / f"{stem}.bin")[0]
-    raise _missing(folder / f"{stem}.safetensors")
+    raise _missing(folder / f"{stem}.safetensors", download_help)
 
 
 def from_diffusers(folder_or_hub_id, *, numerics: str = "diffusers", name: str | None = None,
