@@ -12,6 +12,9 @@
     python sample.py --ckpt SiT-XL-2-256x256.pt --kind sit --sampler sde-euler --cfg-scale 1.5
     python sample.py --ckpt last.pt --kind repa --sampler sde-euler --cfg-scale 1.8 \\
         --guidance-channels all --guidance-interval 0.3,1
+    # a text-to-image run (model.condition=text, docs/text.md): one image per prompt
+    python sample.py --ckpt runs/text_demo --prompt "a blue triangle" --prompt "a red square" \\
+        --negative-prompt "a red circle"
 
 --ckpt is anything `dit_jax.port.load_any` reads: an official .pt, a .safetensors file, a diffusers
 folder or hub id, a dit_jax model checkpoint directory, or a train.py workdir. A workdir's own
@@ -27,6 +30,7 @@ import json
 from pathlib import Path
 
 import jax
+import numpy as np
 from absl import app, flags, logging
 from jax.experimental import multihost_utils
 
@@ -37,7 +41,9 @@ from dit_jax.evaluation.suite import evaluate_files, format_metrics
 from dit_jax.port.dit import DOWNLOAD_HELP
 from dit_jax.samplers import ALIASES
 from dit_jax.sampling import (CHECKPOINT_KINDS, DEFAULT_VAE, GUIDANCE_CHANNELS, RUN_SETTINGS,
-                              SAMPLERS, TRANSPORT_SAMPLERS, SampleRequest, run_settings, sample)
+                              SAMPLERS, TRANSPORT_SAMPLERS, SampleRequest, make_grid, run_settings,
+                              sample, save_png)
+from dit_jax.text_sampling import load_text_run, sample_prompts
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("ckpt", None, "DiT weights: file, folder, workdir or hub id")
@@ -82,6 +88,12 @@ flags.DEFINE_string("fid_reference", None,
                     "(docs/evaluation.md). The samples .npz is --npz, default OUT/samples.npz")
 flags.DEFINE_string("inception_weights", None,
                     "FID Inception weights for --fid-reference (default: cache or download)")
+flags.DEFINE_multi_string("prompt", None,
+                          "text prompts of a text-to-image run (model.condition=text); repeat "
+                          "the flag for several; one image each, in a grid (docs/text.md)")
+flags.DEFINE_string("negative_prompt", None,
+                    "with --prompt: the unconditional branch of guidance (default: the null "
+                    "caption)")
 flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                   "call jax.distributed.initialize: auto = when launched as several processes")
 
@@ -137,8 +149,29 @@ def evaluate_samples(npz: str) -> dict:
     return results
 
 
+def sample_text() -> Path:
+    """--prompt: one image per prompt from a text run's EMA weights, as OUT/grid.png (the run's
+    config.json sets the sampler, steps, guidance and clipping unless the flags are given)."""
+    model, tokenizer, settings = load_text_run(FLAGS.ckpt)
+    for name in ("sampler", "steps", "cfg_scale", "clip_denoised", "image_size"):
+        if FLAGS[name].present:
+            settings[name] = FLAGS[name].value
+    images = sample_prompts(model, tokenizer, FLAGS.prompt, negative_prompt=FLAGS.negative_prompt,
+                            seed=FLAGS.seed, **settings)
+    out = Path(FLAGS.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_png(out / "grid.png", make_grid(images))
+    np.savez(out / "samples.npz", images=images, prompts=np.asarray(FLAGS.prompt))
+    return out / "grid.png"
+
+
 def main(argv):
     del argv
+    if FLAGS.prompt:
+        if FLAGS.ckpt is None:
+            raise app.UsageError("--prompt needs --ckpt: a train.py workdir of a text run")
+        logging.info("grid: %s", sample_text())
+        return
     request = request_from_flags()
     if FLAGS.fid_reference:
         if not Path(FLAGS.fid_reference).expanduser().exists():

@@ -48,6 +48,20 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.depth = ml_collections.FieldReference(None, field_type=int)
     c.model.num_heads = ml_collections.FieldReference(None, field_type=int)
     c.model.patch_size = ml_collections.FieldReference(None, field_type=int)
+    c.model.condition = "class"  # or "text": captions, PixArt-α blocks (docs/text.md)
+
+    # model.condition="text" only (docs/text.md).
+    c.text = ml_collections.ConfigDict()
+    c.text.encoder = "t5"  # "t5": a small T5 encoder trained with the model; "none": embeddings
+    c.text.max_length = 120  # text tokens (and the null caption's length)
+    c.text.caption_channels = 4096  # the encoder's width (T5-XXL: 4096)
+    c.text.caption_dropout = 0.1  # rate of the null caption in training (PixArt-α: 0.1)
+    c.text.encoder_layers = 2  # the jointly trained encoder's size
+    c.text.encoder_heads = 4
+    c.text.encoder_head_dim = 16
+    c.text.encoder_ff = 128
+    c.text.prompts = []  # the sample grids' prompts
+    c.text.negative_prompt = ""  # the grids' unconditional branch ("": the null caption)
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.noise_schedule = "linear"

@@ -42,6 +42,7 @@ from dit_jax.data.folder import LAYOUTS, ImageFolderSource, class_folders_for
 from dit_jax.data.latents import (FORMAT, MANIFEST, MANIFEST_STORED, labels_file, moments_file)
 from dit_jax.data.pipeline import ensure_absl_flags_parsed
 from dit_jax.distributed import initialize_distributed, wait_for_every_host
+from dit_jax.extract_text import extract_text, t5_text_encoder
 from dit_jax.port.vae import load_vae
 from dit_jax.sharding import batch_sharding, make_mesh, replicated, shard_batch
 
@@ -278,7 +279,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--distributed", default="auto", choices=["auto", "on", "off"],
                         help="jax.distributed.initialize for multi-host runs")
     parser.add_argument("--no-progress", action="store_true")
+    # Text-to-image data (docs/text.md): the captions' embeddings beside the latents.
+    parser.add_argument("--captions", action="store_true",
+                        help="also encode each image's caption (.txt beside it, or "
+                             "captions.jsonl) with --text-encoder (dit_jax.extract_text)")
+    parser.add_argument("--text-encoder", default="",
+                        help="T5 encoder folder (transformers format, with its tokenizer) or "
+                             "hub id, e.g. PixArt-alpha/PixArt-XL-2-512x512 (its text_encoder/)")
+    parser.add_argument("--max-text-length", type=int, default=120,
+                        help="text tokens per caption, padded (PixArt-α: 120)")
     args = parser.parse_args(argv)
+    if args.captions and not args.text_encoder:
+        parser.error("--captions needs --text-encoder (a T5 encoder folder or hub id)")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     initialize_distributed(args.distributed)
@@ -289,6 +301,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         class_folders=class_folders_for(args.layout),
         vae_dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.vae_dtype],
         progress=not args.no_progress)
+    if args.captions:
+        extract_text(args.data, args.out, t5_text_encoder(args.text_encoder,
+                                                          max_length=args.max_text_length),
+                     encoder_name=args.text_encoder, dtype=args.dtype)
     if jax.process_index() == 0:
         print(f"{manifest['count']} latents {tuple(manifest['latent_shape'])} in {args.out} "
               f"({manifest['skipped']} unreadable images skipped)", file=sys.stderr)

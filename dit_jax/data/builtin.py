@@ -58,7 +58,15 @@ class BuiltinShapes(BatchSource):
 def render(labels: np.ndarray, draws: np.ndarray, image_size: int) -> np.ndarray:
     """Images (n, S, S, 3) in [-1, 1] for class `labels` and uniform draws (n, 6) in [0, 1):
     radius, centre x, centre y, background level, gradient strength, gradient direction."""
-    n, s = len(labels), image_size
+    labels = np.asarray(labels)
+    return render_shapes([CLASSES[int(k)][1] for k in labels], COLOURS[labels], draws, image_size)
+
+
+def render_shapes(shape_of: list[str], colours: np.ndarray, draws: np.ndarray, image_size: int,
+                  background: tuple[float, float] = (0.2, 0.25)) -> np.ndarray:
+    """`render` with the shape names, RGB colours (n, 3) in [0, 1] and background range (lowest
+    grey level, spread) given one by one: the captioned data combines them freely."""
+    n, s = len(shape_of), image_size
     big = s * _SUPERSAMPLE
     # Large shapes near the centre: the class colour then dominates the class-mean image, which
     # is what a diffusion model must get from the label at high noise, so conditioning is
@@ -71,20 +79,19 @@ def render(labels: np.ndarray, draws: np.ndarray, image_size: int) -> np.ndarray
     yy = coords[None, :, None] - cy[:, None, None]
     r = radius[:, None, None]
 
-    shape_of = [CLASSES[int(k)][1] for k in labels]
     mask = np.stack([shape_mask(name, xx[i], yy[i], r[i]) for i, name in enumerate(shape_of)]
                     ).astype(np.float32) if n else np.zeros((0, big, big), np.float32)
     mask = mask.reshape(n, s, _SUPERSAMPLE, s, _SUPERSAMPLE).mean(axis=(2, 4))[..., None]
 
     # Grey background with a gentle linear gradient: luminance varies, colour never does.
-    level = 0.2 + 0.25 * draws[:, 3]
+    level = background[0] + background[1] * draws[:, 3]
     strength = 0.15 * draws[:, 4]
     angle = 2 * np.pi * draws[:, 5]
     unit = (np.arange(s, dtype=np.float32) + 0.5) / s - 0.5
     ramp = (np.cos(angle)[:, None, None] * unit[None, None, :]
             + np.sin(angle)[:, None, None] * unit[None, :, None])
-    background = (level[:, None, None] + strength[:, None, None] * ramp)[..., None]
-    image = mask * COLOURS[labels][:, None, None, :] + (1 - mask) * background
+    ground = (level[:, None, None] + strength[:, None, None] * ramp)[..., None]
+    image = mask * np.asarray(colours, np.float32)[:, None, None, :] + (1 - mask) * ground
     return (image * 2 - 1).astype(np.float32)
 
 
@@ -187,16 +194,14 @@ def background_residual(image: np.ndarray, coverage: np.ndarray) -> float:
     return float(np.sqrt(np.mean((grey - design @ coef) ** 2)))
 
 
-def judge_shape(image: np.ndarray, label: int, *, min_iou: float = 0.9,
-                max_background: float = 0.03) -> dict:
-    """Whether `image` shows class `label` of the built-in data as the data draws it: the shape
-    (read from the saturation mask alone, never from colour) fits the class's shape with soft IoU
-    ≥ `min_iou` and fits it better than any other shape; the shape's colour is nearest the
-    class's colour; the background is a clean gradient. Returns the verdict ("ok") with its parts.
-    `image`: (H, W, 3), uint8 in 0..255 or float in [-1, 1]."""
+def read_shape(image: np.ndarray) -> dict:
+    """What the built-in judge sees in `image`: the best-fitting shape's index into the shapes of
+    `CLASSES` (read from the saturation mask alone, never from colour) and its soft IoU, the
+    index of the colour (in `COLOURS`) nearest the shape's core, and the background residual.
+    shape and colour are -1 when nothing is saturated."""
     coverage = shape_coverage(image)
     if coverage is None:
-        return {"ok": False, "shape": -1, "iou": 0.0, "colour": -1, "background": 1.0}
+        return {"shape": -1, "iou": 0.0, "colour": -1, "background": 1.0}
     shapes = [c[1] for c in CLASSES]
     ious = [fit_shape(coverage, name) for name in dict.fromkeys(shapes)]
     best = int(np.argmax(ious))
@@ -204,12 +209,24 @@ def judge_shape(image: np.ndarray, label: int, *, min_iou: float = 0.9,
     core = _rgb01(image)[coverage > 0.8]
     colour = (int(np.argmin(np.linalg.norm(core.mean(axis=0)[None] - COLOURS, axis=1)))
               if len(core) else -1)
-    background = background_residual(image, coverage)
+    return {"shape": shape_index, "iou": float(ious[best]), "colour": colour,
+            "background": background_residual(image, coverage)}
+
+
+def judge_shape(image: np.ndarray, label: int, *, min_iou: float = 0.9,
+                max_background: float = 0.03) -> dict:
+    """Whether `image` shows class `label` of the built-in data as the data draws it: the shape
+    (read from the saturation mask alone, never from colour) fits the class's shape with soft IoU
+    ≥ `min_iou` and fits it better than any other shape; the shape's colour is nearest the
+    class's colour; the background is a clean gradient. Returns the verdict ("ok") with its parts.
+    `image`: (H, W, 3), uint8 in 0..255 or float in [-1, 1]."""
+    seen = read_shape(image)
+    if seen["shape"] < 0:
+        return {"ok": False, **seen}
     wanted = CLASSES[int(label)][1]
-    ok = (shapes[shape_index] == wanted and ious[best] >= min_iou and colour == int(label)
-          and background <= max_background)
-    return {"ok": bool(ok), "shape": shape_index, "iou": float(ious[best]), "colour": colour,
-            "background": background}
+    ok = (CLASSES[seen["shape"]][1] == wanted and seen["iou"] >= min_iou
+          and seen["colour"] == int(label) and seen["background"] <= max_background)
+    return {"ok": bool(ok), **seen}
 
 
 def shape_score(images: np.ndarray, labels: np.ndarray, **thresholds) -> float:

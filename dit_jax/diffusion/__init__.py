@@ -38,12 +38,12 @@ from dit_jax.diffusion.gaussian import (
     velocity_target,
     xstart_and_eps_from_velocity,
 )
-from dit_jax.diffusion.guidance import classifier_free_guidance
+from dit_jax.diffusion.guidance import classifier_free_guidance, conditional_guidance
 from dit_jax.diffusion.solver import Solver, jit_sampler
 
 __all__ = [
     "GaussianDiffusion", "MODEL_MEAN_TYPES", "Solver", "betas_for_alpha_bar",
-    "classifier_free_guidance", "create_diffusion", "ddim_sample", "ddim_sample_loop",
+    "classifier_free_guidance", "conditional_guidance", "create_diffusion", "ddim_sample", "ddim_sample_loop",
     "ddim_solver", "ddpm_solver", "discretized_gaussian_log_likelihood",
     "dpmpp_2m_coefficients", "dpmpp_2m_sample_loop", "dpmpp_2m_solver", "dpmpp_2m_step",
     "get_named_beta_schedule", "jit_sampler", "logsnr_timesteps",

@@ -51,24 +51,39 @@ def classifier_free_guidance(model_fn: Callable, y: jax.Array, scale, *, null_la
                         f"{null_label!r}") from None
     if null_label < 0:
         raise ValueError(f"null_label must be a non-negative class index, got {null_label}")
+    return conditional_guidance(model_fn, y, jnp.full_like(y, null_label), scale,
+                                guide_channels=guide_channels, interval=interval,
+                                time_dtype=time_dtype)
+
+
+def conditional_guidance(model_fn: Callable, cond, uncond, scale, *,
+                         guide_channels: int | None = None,
+                         interval: tuple[float, float] | None = None,
+                         time_dtype=jnp.int32) -> Callable:
+    """Wrap `model_fn(x, t, c)` into the guided `model_fn(x, t)`: ε = ε(uncond) + s·(ε(cond) -
+    ε(uncond)) on the first `guide_channels` channels (None: all, the text-to-image form), the
+    other channels from the conditional half. `cond` and `uncond` are pytrees of arrays with the
+    batch first (labels; or text embeddings and mask, where `uncond` is the null caption or a
+    negative prompt's), run as one batch of 2N. `interval` and `time_dtype` as in
+    `classifier_free_guidance`, which is this function with the null class as `uncond`."""
     if not isinstance(scale, jax.Array) and float(scale) == 1.0:
-        return lambda x, t: model_fn(x, t, y)
+        return lambda x, t: model_fn(x, t, cond)
+    both = jax.tree.map(lambda c, u: jnp.concatenate([c, u], axis=0), cond, uncond)
 
     def conditional(x, t):
-        return model_fn(x, t, y)
+        return model_fn(x, t, cond)
 
     def guided(x, t):
         n = x.shape[0]
-        out = model_fn(jnp.concatenate([x, x], axis=0), jnp.concatenate([t, t], axis=0),
-                       jnp.concatenate([y, jnp.full_like(y, null_label)], axis=0))
-        cond, uncond = out[:n], out[n:]
+        out = model_fn(jnp.concatenate([x, x], axis=0), jnp.concatenate([t, t], axis=0), both)
+        cond_out, uncond_out = out[:n], out[n:]
         k = x.shape[-1] if guide_channels is None else guide_channels
-        eps = uncond[..., :k] + scale * (cond[..., :k] - uncond[..., :k])
+        eps = uncond_out[..., :k] + scale * (cond_out[..., :k] - uncond_out[..., :k])
         if interval is not None:
             # Selected rather than s = 1, which would round u + (c - u) away from c.
             inside = _inside(t, interval).reshape((n,) + (1,) * (x.ndim - 1))
-            eps = jnp.where(inside, eps, cond[..., :k])
-        return jnp.concatenate([eps, cond[..., k:]], axis=-1)
+            eps = jnp.where(inside, eps, cond_out[..., :k])
+        return jnp.concatenate([eps, cond_out[..., k:]], axis=-1)
 
     def wrapped(x, t):
         t = jnp.broadcast_to(jnp.asarray(t, time_dtype), (x.shape[0],))

@@ -55,6 +55,7 @@ from dit_jax.train.logging import MetricWriter, Progress, Throughput
 from dit_jax.train.state import (abstract_train_state, create_train_state, make_optimizer,
                                  model_config_from)
 from dit_jax.train.step import StepConfig, lower_train_step
+from dit_jax.train.text import train_text
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,8 @@ def train(config, workdir: str | os.PathLike) -> dict[str, Any]:
     "status": "completed" | "preempted", "metrics": the last logged metrics}."""
     workdir = Path(workdir).absolute()
     config = config.copy_and_resolve_references()  # resolved below; the caller's stays as given
+    if config.model.get("condition", "class") == "text":
+        return train_text(config, workdir, make_objective)  # captions: dit_jax/train/text.py
 
     # 1. Data and model.
     vae = training_vae(config)

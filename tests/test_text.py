@@ -1,0 +1,285 @@
+"""Text conditioning (docs/text.md): captioned data, caption dropout and the null caption, the
+text mask through the pipeline, guidance with a negative prompt, text-embedding extraction, and a
+short text-to-image training run."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dit_jax.data.captions import (HELD_OUT, TEXT_MANIFEST, CaptionedFolderSource,
+                                   CaptionedShapes, TextLatentSource, WordTokenizer, caption_of,
+                                   parse_caption, prompt_check, read_captions, text_record)
+from dit_jax.data.folder import scan_folder
+from dit_jax.data.latents import MANIFEST
+from dit_jax.extract_text import extract_text
+from dit_jax.models.text import TextModelConfig, TextToImage
+from dit_jax.sharding import make_mesh
+from dit_jax.text_sampling import text_guidance, text_model_buffers
+from imagedata import make_image_folder
+
+WORDS = CaptionedShapes().vocabulary()
+
+
+def tiny_config(**changes) -> TextModelConfig:
+    fields = dict(input_size=8, in_channels=3, hidden_size=24, depth=1, num_heads=2, patch_size=2,
+                  learn_sigma=False, caption_channels=16, max_length=8, caption_dropout=0.3,
+                  encoder="t5", vocab_size=WordTokenizer(WORDS).vocab_size, encoder_layers=1,
+                  encoder_heads=2, encoder_head_dim=8, encoder_ff=32)
+    fields.update(changes)
+    return TextModelConfig(**fields)
+
+
+def perturbed(model: TextToImage, seed: int = 1) -> TextToImage:
+    """Every weight moved off its initial value (a fresh PixArt's final layer is zero, so its
+    output would be exactly zero whatever the text)."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    leaves = [p + 0.2 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]
+    return nnx.merge(graphdef, jax.tree.unflatten(tree, leaves), rest)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return perturbed(TextToImage(tiny_config(), rngs=nnx.Rngs(0)))
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+
+
+def test_captioned_shapes_hold_out_pairs_and_caption_their_pixels():
+    source = CaptionedShapes(image_size=32, size=96)
+    batch = source.get_batch(np.arange(96))
+    pairs = {parse_caption(c) for c in batch["caption"]}
+    assert len(pairs) == 12 and not pairs & set(HELD_OUT)  # the 4 held-out pairs never shown
+    assert {c.split()[-2] for c in batch["caption"]} == {"dark", "light"}
+    # The data's own images follow their captions by the judge that scores samples.
+    scores = prompt_check(batch["x"], list(batch["caption"]))
+    assert scores["shape"] == scores["colour"] == 1.0 and scores["both_held_out"] is None
+    # A held-out prompt judged on a trained image of another pair fails on the swapped attribute.
+    red_square = caption_of(1, 0)
+    assert parse_caption(red_square) in HELD_OUT
+    red_circle = batch["x"][list(batch["caption"]).index(caption_of(0, 0, "dark"))]
+    check = prompt_check(red_circle[None], [red_square])
+    assert check["colour"] == 1.0 and check["shape"] == 0.0 and check["both_held_out"] == 0.0
+    # Same example, same pixels, in any batch.
+    np.testing.assert_array_equal(source[5]["x"], batch["x"][5])
+
+
+def test_captioned_folder_reads_txt_and_jsonl_captions(tmp_path):
+    root = make_image_folder(tmp_path / "txt", flat=3)
+    source_paths = scan_folder(root, class_folders=False)[0]
+    for i, path in enumerate(source_paths):
+        with open(path.rsplit(".", 1)[0] + ".txt", "w") as f:
+            f.write(f"caption {i}\n")
+    source = CaptionedFolderSource(root, 16)
+    assert [source[i]["caption"] for i in range(3)] == ["caption 0", "caption 1", "caption 2"]
+    assert source[1]["x"].shape == (16, 16, 3)
+
+    (root / "captions.jsonl").write_text("\n".join(
+        json.dumps({"file_name": p[len(str(root)) + 1:], "text": f"from jsonl {i}"})
+        for i, p in enumerate(source_paths)) + "\n")
+    assert read_captions(root, source_paths)[2] == "from jsonl 2"  # the .jsonl wins
+
+    (root / "captions.jsonl").write_text(json.dumps({"file": "nope.png", "caption": "x"}) + "\n")
+    with pytest.raises(ValueError, match="3 image.*have no line in .*captions.jsonl"):
+        CaptionedFolderSource(root, 16)
+    (root / "captions.jsonl").unlink()
+    os.remove(source_paths[0].rsplit(".", 1)[0] + ".txt")
+    with pytest.raises(ValueError, match="1 image.*no .txt caption"):
+        CaptionedFolderSource(root, 16)
+
+
+def test_word_tokenizer_pads_with_eos_like_t5():
+    tok = WordTokenizer(WORDS, max_length=6)
+    ids, mask = tok(["a RED circle, on a dark background", "", "purple"])
+    assert ids.shape == mask.shape == (3, 6) and ids.dtype == np.int32
+    assert ids[0, -1] == tok.eos_id and mask[0].all()  # cut to 5 words + EOS
+    np.testing.assert_array_equal(ids[1], [1, 0, 0, 0, 0, 0])  # "" is EOS alone
+    np.testing.assert_array_equal(mask[2], [1, 1, 0, 0, 0, 0])  # unknown word, EOS
+    assert ids[2, 0] == 2
+
+
+# --------------------------------------------------------------------------------------------
+# Caption dropout, the null caption, the mask
+
+
+def test_caption_dropout_rate_and_null_caption(model):
+    n, cfg = 4000, model.config
+    text = jax.random.normal(jax.random.key(0), (n, cfg.max_length, cfg.caption_channels))
+    mask = (jnp.arange(cfg.max_length)[None] < jnp.arange(n)[:, None] % cfg.max_length + 1)
+    out, out_mask = model.drop_captions(text, mask.astype(jnp.int32), jax.random.key(1))
+    null = model.dit.y_embedder.y_embedding[...]
+    dropped = np.all(np.asarray(out) == np.asarray(null)[None], axis=(1, 2))
+    kept = np.all(np.asarray(out) == np.asarray(text), axis=(1, 2))
+    assert np.all(dropped ^ kept)
+    # Binomial(4000, 0.3): standard deviation 0.0072.
+    assert abs(dropped.mean() - cfg.caption_dropout) < 0.03
+    assert np.all(np.asarray(out_mask)[dropped] == 1)  # the null caption is attended in full
+    np.testing.assert_array_equal(np.asarray(out_mask)[kept], np.asarray(mask, np.int32)[kept])
+    # The null caption: fixed randn / sqrt(C), the same in every model of this config (it is
+    # not trained and not checkpointed), which sampling rebuilds.
+    assert null.shape == (cfg.max_length, cfg.caption_channels)
+    assert abs(float(jnp.std(null)) * cfg.caption_channels ** 0.5 - 1) < 0.25
+    buffers = text_model_buffers(cfg, make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+    np.testing.assert_array_equal(buffers["dit"]["y_embedder"]["y_embedding"][...], null)
+    # Rate 0: nothing dropped.
+    plain = TextToImage(tiny_config(caption_dropout=0.0))
+    same, _ = plain.drop_captions(text, mask, jax.random.key(1))
+    assert same is text
+
+
+def test_padding_tokens_never_change_the_output(model):
+    tok = WordTokenizer(WORDS, max_length=model.config.max_length)
+    ids, mask = tok(["a red circle", "a blue triangle on a light background"])
+    x = jax.random.normal(jax.random.key(2), (2, 8, 8, 3))
+    t = jnp.asarray([10, 700])
+    base = model(x, t, ids, mask)
+    # Other token ids where the mask is 0: through the encoder and the cross-attention, nothing.
+    junk = np.where(mask == 0, np.random.default_rng(0).integers(3, tok.vocab_size, ids.shape), ids)
+    np.testing.assert_allclose(model(x, t, junk, mask), base, atol=1e-5, rtol=1e-5)
+    # The embeddings path: anything at masked positions.
+    emb = model.encode(ids, mask)
+    noisy = jnp.where(jnp.asarray(mask)[..., None] == 0, 1e3, emb)
+    np.testing.assert_allclose(model.denoise(x, t, noisy, mask), base, atol=1e-5, rtol=1e-5)
+    # ... while a real token does change it.
+    other = ids.copy()
+    other[0, 1] = tok(["green"])[0][0, 0]
+    assert not np.allclose(model(x, t, other, mask)[0], base[0], atol=1e-4)
+
+
+def test_guidance_with_negative_prompt_equals_hand_computation(model):
+    tok = WordTokenizer(WORDS, max_length=model.config.max_length)
+    ids, mask = tok(["a red circle", "a yellow diamond"])
+    neg_ids, neg_mask = tok(["a blue square", "a blue square"])
+    x = jax.random.normal(jax.random.key(3), (2, 8, 8, 3))
+    t = jnp.asarray([500, 20])
+    emb, neg = model.encode(ids, mask), model.encode(neg_ids, neg_mask)
+    scale = 3.5
+    guided = text_guidance(model, emb, mask, scale, negative=(neg, neg_mask))(x, t)
+    cond = np.asarray(model.denoise(x, t, emb, mask), np.float64)
+    uncond = np.asarray(model.denoise(x, t, neg, neg_mask), np.float64)
+    np.testing.assert_allclose(guided, uncond + scale * (cond - uncond), atol=2e-5, rtol=1e-5)
+    # Without a negative prompt the unconditional branch is the null caption, attended in full.
+    null, null_mask = model.null_caption(2)
+    uncond = np.asarray(model.denoise(x, t, null, null_mask), np.float64)
+    np.testing.assert_allclose(text_guidance(model, emb, mask, scale)(x, t),
+                               uncond + scale * (cond - uncond), atol=2e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# Extraction
+
+
+def t5_folder(root, sentences):
+    """A tiny random transformers T5 v1.1 encoder with a SentencePiece tokenizer trained here on
+    `sentences`, in one folder, as `--text-encoder` takes it."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    spm = pytest.importorskip("sentencepiece")
+    import io
+
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences * 4), model_writer=buffer, vocab_size=30,
+        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>",
+        eos_piece="</s>", unk_piece="<unk>", hard_vocab_limit=False, minloglevel=2)
+    torch.manual_seed(0)
+    model = transformers.T5EncoderModel(transformers.T5Config(
+        vocab_size=40, d_model=16, d_kv=4, d_ff=24, num_layers=1, num_heads=4,
+        feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False)).eval()
+    model.save_pretrained(root)
+    (root / "spiece.model").write_bytes(buffer.getvalue())
+    return root
+
+
+def test_text_extraction_aligns_with_latents_and_resumes(tmp_path):
+    """`extract_latents --captions`: the latents, then each readable image's caption through a
+    T5 folder, row for row; an interrupted text extraction redoes only its missing shards."""
+    from test_extract_latents import write_vae_folder  # the tiny VAE of the latents tests
+    from dit_jax.extract_latents import main
+    from dit_jax.port import load_t5_encoder, load_t5_tokenizer
+
+    captions = ["a red circle", "a green square on a light background", "two cats"]
+    data = make_image_folder(tmp_path / "images", flat=7, corrupt={"img_900.jpg": "truncated"})
+    paths = scan_folder(data, class_folders=False)[0]
+    for i, path in enumerate(paths):
+        with open(path.rsplit(".", 1)[0] + ".txt", "w") as f:
+            f.write(captions[i % 3])
+    t5 = t5_folder(tmp_path / "t5", captions)
+    out = tmp_path / "latents"
+    argv = ["--data", str(data), "--out", str(out), "--image-size", "32",
+            "--vae", str(write_vae_folder(tmp_path / "vae")), "--batch-size", "1",
+            "--shard-size", "3", "--num-workers", "0", "--no-progress", "--captions",
+            "--text-encoder", str(t5), "--max-text-length", "8"]
+    main(argv)
+    text = json.loads((out / TEXT_MANIFEST).read_text())
+    latents = json.loads((out / MANIFEST).read_text())
+    assert text["count"] == latents["count"] == 7  # the truncated image skipped in both
+    assert text["max_length"] == 8 and text["caption_channels"] == 16
+    # Row i is the encoding of the caption of the i-th readable image.
+    encoder, tokenizer = load_t5_encoder(t5), load_t5_tokenizer(t5, max_length=8)
+    readable = [p for p in paths if p not in latents["skipped_files"]]
+    ids, mask = tokenizer([open(p.rsplit(".", 1)[0] + ".txt").read() for p in readable])
+    expected = np.asarray(encoder(ids, mask))
+    source = TextLatentSource(out, image_size=32)
+    for i in range(len(source)):
+        np.testing.assert_allclose(source[i]["text"], expected[i], atol=1e-5)
+        np.testing.assert_array_equal(source[i]["text_mask"], mask[i])
+    example = source.augment(source[0], np.random.default_rng(0))
+    assert example["x"].shape == source.element_shape and example["text"].shape == (8, 16)
+
+    # Resume: shard 1's text lost; shards 0 and 2 are not written again.
+    (out / text_record(1)).unlink()
+    (out / TEXT_MANIFEST).unlink()
+    before = {k: os.stat(out / f"text_{k:05d}.npy").st_mtime_ns for k in (0, 2)}
+    calls = []
+    encode = lambda c: (calls.append(len(c)), (np.asarray(encoder(*tokenizer(c))),  # noqa: E731
+                                              tokenizer(c)[1]))[1]
+    again = extract_text(data, out, encode, encoder_name=str(t5))
+    assert again == text and sum(calls) == json.loads((out / "shard_00001.json").read_text())["count"]
+    assert before == {k: os.stat(out / f"text_{k:05d}.npy").st_mtime_ns for k in (0, 2)}
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+
+
+def test_short_text_training_lowers_the_loss_and_follows_colours(tmp_path):
+    """The text demo, shortened: the loss falls, and the samples' colours follow the prompts
+    better than chance (1/4) on seen and held-out pairs (shapes need the full demo)."""
+    from configs.text_demo import get_config
+    from dit_jax.train.loop import train
+
+    c = get_config()
+    c.total_steps = 600
+    c.log_every = 100
+    c.checkpoint_every = 600
+    c.sample_every = 600
+    c.optim.warmup_steps = 20
+    c.sample.steps = 20
+    c.async_checkpointing = False
+    result = train(c, tmp_path / "run")
+    lines = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in lines if "loss" in m]
+    assert losses[-1] < 0.7 * losses[0]
+    m = result["metrics"]
+    assert m["prompt_colour"] > 0.5, m
+
+    # sample.py --prompt's path: the workdir's model, tokenizer and settings; a negative prompt
+    # replaces the null caption in the unconditional branch.
+    from dit_jax.text_sampling import load_text_run, sample_prompts
+
+    model, tokenizer, settings = load_text_run(tmp_path / "run")
+    settings["steps"] = 5
+    plain = sample_prompts(model, tokenizer, ["a red square", "a blue circle"], **settings)
+    negative = sample_prompts(model, tokenizer, ["a red square", "a blue circle"],
+                              negative_prompt="a yellow circle", **settings)
+    assert plain.shape == (2, 32, 32, 3) and plain.dtype == np.uint8
+    assert np.abs(plain.astype(int) - negative).mean() > 1
