@@ -145,10 +145,11 @@ class PromptEncoder:
 class PixArtPipeline:
     """A PixArt-α transformer, its prompt encoder and (optionally) the SD VAE, sampled over
     `mesh` (default: every device). `__call__` samples a batch; `sample_pixart` runs a whole
-    request in chunks and writes files."""
+    request in chunks and writes files. Pixel sizes are latent sizes times the VAE's factor, or
+    `latent_factor` (the SD VAE's 8) without a VAE: what the micro-conditions are given."""
 
     def __init__(self, model: PixArt, prompts: PromptEncoder, decoder: Decoder | None = None,
-                 *, mesh: Mesh | None = None):
+                 *, mesh: Mesh | None = None, latent_factor: int = 8):
         if decoder is not None and decoder.latent_channels != model.config.in_channels:
             raise ValueError(f"the PixArt model has {model.config.in_channels} input channels but "
                              f"the VAE's latents have {decoder.latent_channels}")
@@ -164,11 +165,12 @@ class PixArtPipeline:
             vae_shardings = state_shardings(vae_state, self.mesh)
             self._vae = (vae_graphdef, vae_shardings, place(vae_state, vae_shardings))
         self._programs: dict[tuple, Any] = {}
+        self.factor = decoder.scale_factor if decoder is not None else latent_factor
 
     @classmethod
     def load(cls, pixart: str, *, t5: str | None = None, vae: str | None = None,
              mesh: Mesh | None = None, dtype: str = "float32", t5_dtype: str = "float32",
-             cache_dir: str | Path | None = None) -> PixArtPipeline:
+             cache_dir: str | Path | None = None, latent_factor: int = 8) -> PixArtPipeline:
         """From `pixart` (anything `load_pixart` reads), `t5` (default: `pixart` itself, a
         pipeline folder or hub id with text_encoder/ and tokenizer/) and `vae` (default: the
         pipeline folder's vae/, else stabilityai/sd-vae-ft-ema; "none": return latents only)."""
@@ -179,17 +181,16 @@ class PixArtPipeline:
         decoder = None if str(vae).lower() == "none" else load_vae_decoder(vae)
         prompts = PromptEncoder.load(t5 if t5 is not None else pixart, mesh=mesh,
                                      dtype=t5_dtype, cache_dir=cache_dir)
-        return cls(model, prompts, decoder, mesh=mesh)
+        return cls(model, prompts, decoder, mesh=mesh, latent_factor=latent_factor)
 
     def default_size(self) -> tuple[int, int]:
         """(height, width) in pixels of the model's training resolution."""
         side = self.model.config.input_size
         latent = (side, side) if isinstance(side, int) else tuple(side)
-        factor = self.decoder.scale_factor if self.decoder is not None else 8
-        return latent[0] * factor, latent[1] * factor
+        return latent[0] * self.factor, latent[1] * self.factor
 
     def _latent_shape(self, height: int, width: int) -> tuple[int, int]:
-        factor = self.decoder.scale_factor if self.decoder is not None else 8
+        factor = self.factor
         step = factor * self.model.config.patch_size
         if height % step or width % step:
             raise ValueError(f"image size {height}x{width} must be a multiple of {step} (VAE "

@@ -169,9 +169,11 @@ def test_negative_prompt_guidance(tiny):
 
 def test_micro_conditions_match_diffusers(tmp_path):
     """A 1024-MS-like model (sample_size 128, so diffusers passes resolution and aspect ratio);
-    patch 8 keeps it to 256 tokens. Latents only, 3 steps."""
+    patch 8 keeps it to 256 tokens; the tiny VAE's factor 2 makes the resolution [256, 256].
+    Latents only, 3 steps."""
     pipe, folder = _pipeline(tmp_path, sample_size=128, patch_size=8, seed=3)
-    ours = PixArtPipeline.load(str(folder), vae="none", mesh=make_mesh(1, devices=jax.devices()[:1]))
+    ours = PixArtPipeline.load(str(folder), vae="none", latent_factor=2,  # the tiny VAE's
+                               mesh=make_mesh(1, devices=jax.devices()[:1]))
     assert ours.model.config.micro_conditions
     latents = np.random.default_rng(2).standard_normal((2, 128, 128, 4)).astype(np.float32)
     got = ours(PROMPTS, latents=latents, steps=3)["latents"]
