@@ -178,7 +178,7 @@ def sample_text() -> Path:
 
 
 def sample_pixart_flags() -> dict:
-    """--pixart: the PixArt-α pipeline on --prompt (diffusers' defaults for the flags not given)."""
+    """--pixart: the PixArt-α pipeline on --prompt (diffusers' defaults for flags not given)."""
     given = {name: FLAGS[name].value for name in ("sampler", "steps", "cfg_scale", "vae")
              if FLAGS[name].present}
     return sample_pixart(PixArtRequest(

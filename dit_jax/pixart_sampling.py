@@ -48,8 +48,8 @@ from dit_jax.models.pixart import PixArt
 from dit_jax.port.pixart import load_pixart
 from dit_jax.port.t5 import PIXART_MAX_LENGTH, encoder_fn, load_t5_encoder, load_t5_tokenizer
 from dit_jax.samplers import get_sampler, sample_loop
-from dit_jax.sampling import (GRID_MAX, NOISE_STREAM, ChunkStore, Decoder, load_vae_decoder, make_grid,
-                              save_png, to_uint8, write_npz)
+from dit_jax.sampling import (GRID_MAX, NOISE_STREAM, ChunkStore, Decoder, load_vae_decoder,
+                              make_grid, save_png, to_uint8, write_npz)
 from dit_jax.sharding import batch_sharding, make_mesh, place, replicated, state_shardings
 
 log = logging.getLogger(__name__)
@@ -240,9 +240,10 @@ class PixArtPipeline:
                  height: int | None = None, width: int | None = None,
                  latents: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """One image per prompt: {"latents" float32 (N, h, w, 4), and with a VAE "decoded"
-        float32 (the VAE's output, about [-1, 1]) and "images" uint8 (N, H, W, 3)}. The initial noise is `latents`
-        if given, else drawn from (seed, chunk) as `dit_jax.sampling` draws a chunk's (the same
-        whatever the device count); stochastic samplers draw their step noise from it too."""
+        float32 (the VAE's output, about [-1, 1]) and "images" uint8 (N, H, W, 3)}. The initial
+        noise is `latents` if given, else drawn from (seed, chunk) as `dit_jax.sampling` draws a
+        chunk's (the same whatever the device count); stochastic samplers draw their step noise
+        from it too."""
         prompts = list(prompts)
         if not prompts:
             raise ValueError("no prompts: give at least one")
@@ -315,9 +316,10 @@ class PixArtRequest:
 
 def sample_pixart(request: PixArtRequest, *, mesh: Mesh | None = None,
                   pipeline: PixArtPipeline | None = None) -> dict[str, Any]:
-    """Run `request` in chunks of batch_size (resumable, as `dit_jax.sampling.sample`): OUT/grid.png,
-    OUT/samples/NNNNNN.png and with npz the .npz (`arr_0` images, `arr_1` prompt indices); without
-    a VAE OUT/latents.npz. Returns the paths written and the prompt index of every sample."""
+    """Run `request` in chunks of batch_size (resumable, as `dit_jax.sampling.sample`):
+    OUT/grid.png, OUT/samples/NNNNNN.png and with npz the .npz (`arr_0` images, `arr_1` prompt
+    indices); without a VAE OUT/latents.npz. Returns the paths written and the prompt index of
+    every sample."""
     if pipeline is None:
         pipeline = PixArtPipeline.load(request.pixart, t5=request.t5, vae=request.vae, mesh=mesh,
                                        dtype=request.dtype, t5_dtype=request.t5_dtype,

@@ -200,3 +200,20 @@ def test_sample_py_pixart_writes_pngs(tiny, tmp_path):
         assert data["arr_0"].std() > 1  # not a flat image
         assert np.abs(data["arr_0"][0].astype(int) - data["arr_0"][1]).max() > 0  # prompts differ
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 3  # two prompts and ""
+
+
+@pytest.mark.parametrize("steps", [2, 20, 25, 50])
+def test_linspace_grid_is_diffusers(steps):
+    scheduler = diffusers.DPMSolverMultistepScheduler()
+    scheduler.set_timesteps(steps)
+    process = diff.create_diffusion(f"linspace{steps}")
+    np.testing.assert_array_equal(process.timestep_map[::-1], scheduler.timesteps.numpy())
+
+
+def test_request_errors():
+    from dit_jax.pixart_sampling import PixArtRequest
+
+    with pytest.raises(ValueError, match="flow-model sampler"):
+        PixArtRequest(pixart="x", prompts=("a",), sampler="ode-euler")
+    with pytest.raises(ValueError, match="--prompt is required"):
+        PixArtRequest(pixart="x", prompts=())
