@@ -14,6 +14,8 @@
     python sample.py --ckpt SiT-XL-2-256x256.pt --kind sit --sampler sde-euler --cfg-scale 1.5
     python sample.py --ckpt last.pt --kind repa --sampler sde-euler --cfg-scale 1.8 \\
         --guidance-channels all --guidance-interval 0.3,1
+    # PixArt-α with its T5 encoder (docs/pixart.md; diffusers' defaults: dpm++, 20 steps, 4.5)
+    python sample.py --pixart PixArt-alpha/PixArt-XL-2-512x512 --prompt "a lighthouse at dusk"
     # a text-to-image run (model.condition=text, docs/text.md): one image per prompt
     python sample.py --ckpt runs/text_demo --prompt "a blue triangle" --prompt "a red square" \\
         --negative-prompt "a red circle"
@@ -53,6 +55,7 @@ from dit_jax.sampling import (CHECKPOINT_KINDS, DEFAULT_VAE, GUIDANCE_CHANNELS, 
                               SAMPLERS, TRANSPORT_SAMPLERS, SampleRequest, make_grid, run_settings,
                               sample, save_png)
 from dit_jax.text_sampling import load_text_run, sample_prompts
+from dit_jax.pixart_sampling import PixArtRequest, sample_pixart
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("ckpt", None, "DiT weights: file, folder, workdir or hub id")
@@ -99,11 +102,20 @@ flags.DEFINE_string("fid_reference", None,
 flags.DEFINE_string("inception_weights", None,
                     "FID Inception weights for --fid-reference (default: cache or download)")
 flags.DEFINE_multi_string("prompt", None,
-                          "text prompts of a text-to-image run (model.condition=text); repeat "
-                          "the flag for several; one image each, in a grid (docs/text.md)")
+                          "text prompts of a text-to-image run (model.condition=text, or "
+                          "--pixart); repeat the flag for several; one image each, in a grid "
+                          "(docs/text.md, docs/pixart.md)")
 flags.DEFINE_string("negative_prompt", None,
                     "with --prompt: the unconditional branch of guidance (default: the null "
-                    "caption)")
+                    "caption; with --pixart the empty prompt, as diffusers)")
+flags.DEFINE_string("pixart", None,
+                    "PixArt-α text-to-image weights (pipeline or transformer folder, hub id, "
+                    ".pth): sample --prompt with T5 and the SD VAE (docs/pixart.md); --sampler, "
+                    "--steps, --cfg-scale default to diffusers' dpm++, 20, 4.5")
+flags.DEFINE_string("t5", None, "with --pixart: the T5 encoder + tokenizer folder or hub id "
+                    "(default: the --pixart pipeline's text_encoder/ and tokenizer/)")
+flags.DEFINE_string("prompt_cache", None,
+                    "with --pixart: a folder caching the T5 embedding of each prompt on disk")
 cli.define_distributed_flag()
 
 
@@ -224,8 +236,26 @@ def sample_text() -> Path:
     return out / "grid.png"
 
 
+def sample_pixart_flags() -> dict:
+    """--pixart: the PixArt-α pipeline on --prompt (diffusers' defaults for flags not given)."""
+    given = {name: FLAGS[name].value for name in ("sampler", "steps", "cfg_scale", "vae")
+             if FLAGS[name].present}
+    return sample_pixart(PixArtRequest(
+        pixart=FLAGS.pixart, prompts=tuple(FLAGS.prompt or ()), t5=FLAGS.t5,
+        negative_prompt=FLAGS.negative_prompt or "", num_samples=FLAGS.num_samples,
+        batch_size=FLAGS.batch_size, seed=FLAGS.seed, image_size=FLAGS.image_size,
+        dtype=FLAGS.dtype, prompt_cache=FLAGS.prompt_cache, out=FLAGS.out, npz=FLAGS.npz,
+        **given))
+
+
 def main(argv):
     del argv
+    if FLAGS.pixart:
+        initialize_distributed(FLAGS.distributed)
+        for name, path in sample_pixart_flags().items():
+            if name != "labels":
+                logging.info("%s: %s", name, path)
+        return
     if FLAGS.prompt:
         if FLAGS.ckpt is None:
             raise app.UsageError("--prompt needs --ckpt: a train.py workdir of a text run")

@@ -23,7 +23,7 @@ LAYERS = [
     ("dit_jax.data", 5),
     ("dit_jax.port", 6),
     ("dit_jax.evaluation", 7),
-    ("dit_jax.sampling", 8), ("dit_jax.text_sampling", 8),
+    ("dit_jax.sampling", 8), ("dit_jax.text_sampling", 8), ("dit_jax.pixart_sampling", 8),
     ("dit_jax.train", 9),
     ("dit_jax.extract_latents", 10), ("dit_jax.port.__main__", 10), ("dit_jax.evaluate", 10),
     ("dit_jax.plan", 10), ("dit_jax.cli", 10), ("dit_jax.extract_text", 10),

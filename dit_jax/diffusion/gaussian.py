@@ -123,6 +123,19 @@ def logsnr_timesteps(alphas_cumprod: np.ndarray, count: int) -> set[int]:
     return set(steps)
 
 
+def linspace_timesteps(num_timesteps: int, count: int) -> set[int]:
+    """diffusers' `timestep_spacing="linspace"` (DPMSolverMultistepScheduler's default, PixArt-α's
+    scheduler): round(linspace(0, T-1, count+1)) with NumPy's rounding, the top `count` of them
+    (t = 0 dropped: the last step goes from the lowest kept step to the data). "linspaceN" in
+    `create_diffusion`; not in the official DiT release."""
+    if not 1 <= count < num_timesteps:
+        raise ValueError(f"cannot take {count} linspace steps from {num_timesteps}")
+    steps = np.linspace(0, num_timesteps - 1, count + 1).round().astype(np.int64)[1:]
+    if len(set(steps.tolist())) != count:
+        raise ValueError(f"cannot take {count} distinct linspace steps from {num_timesteps}")
+    return set(steps.tolist())
+
+
 def respace_betas(betas: np.ndarray, use_timesteps) -> tuple[np.ndarray, np.ndarray]:
     """Betas of the process that keeps only `use_timesteps` (same ᾱ at the kept steps), and the
     timestep map (original t of each kept step, increasing)."""
@@ -289,7 +302,8 @@ def create_diffusion(timestep_respacing="", noise_schedule: str = "linear", use_
 
     timestep_respacing: "" or None (all steps), "N", "a,b,c" or "ddimN" (the official rules, see
     `space_timesteps`), a list of section counts, or "logsnrN" (not official: N steps uniform in
-    log-SNR, see `logsnr_timesteps`; the recommended grid for DPM-Solver++).
+    log-SNR, see `logsnr_timesteps`; the recommended grid for DPM-Solver++), or "linspaceN"
+    (not official: diffusers' linspace grid without t = 0, see `linspace_timesteps`).
     noise_schedule: "linear" or "squaredcos_cap_v2".
     Without learn_sigma the variance is fixed: β_t ("fixed_large") or, with sigma_small, the
     posterior variance β̃_t. prediction (not official): what the model predicts, "epsilon",
@@ -311,6 +325,9 @@ def create_diffusion(timestep_respacing="", noise_schedule: str = "linear", use_
     if isinstance(timestep_respacing, str) and timestep_respacing.startswith("logsnr"):
         use_timesteps = logsnr_timesteps(np.cumprod(1.0 - betas),
                                          int(timestep_respacing[len("logsnr"):]))
+    elif isinstance(timestep_respacing, str) and timestep_respacing.startswith("linspace"):
+        use_timesteps = linspace_timesteps(diffusion_steps,
+                                           int(timestep_respacing[len("linspace"):]))
     else:
         use_timesteps = space_timesteps(diffusion_steps, timestep_respacing)
     new_betas, timestep_map = respace_betas(betas, use_timesteps)
