@@ -12,7 +12,6 @@ registry (`dit_jax.samplers`) runs the guided model_fn.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,7 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from dit_jax import diffusion as diff
-from dit_jax.checkpoint.model import CONFIG_FILE
+from dit_jax.checkpoint.model import CONFIG_FILE, config_from_dict
 from dit_jax.checkpoint.workdir import RUN_CONFIG_FILE, Checkpoints
 from dit_jax.data.captions import WordTokenizer
 from dit_jax.models.text import TextModelConfig, TextToImage, split_text_model
@@ -37,14 +36,7 @@ TOKENIZER_FILE = "text_tokenizer.json"  # the words of a run's WordTokenizer
 
 
 def text_config_from_dict(fields: dict[str, Any]) -> TextModelConfig:
-    known = {f.name for f in dataclasses.fields(TextModelConfig)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise ValueError(f"unknown TextModelConfig field(s) {unknown}; known: {sorted(known)}")
-    fields = dict(fields)
-    if "dtype" in fields:
-        fields["dtype"] = jnp.dtype(fields["dtype"])
-    return TextModelConfig(**fields)
+    return config_from_dict(fields, TextModelConfig)
 
 
 def text_model_buffers(cfg: TextModelConfig, mesh: Mesh) -> nnx.State:

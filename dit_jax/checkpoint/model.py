@@ -35,17 +35,20 @@ def config_to_dict(cfg: DiTConfig) -> dict[str, Any]:
     return fields
 
 
-def config_from_dict(fields: dict[str, Any]) -> DiTConfig:
-    known = {f.name for f in dataclasses.fields(DiTConfig)}
+def config_from_dict(fields: dict[str, Any], config_class: type = DiTConfig):
+    """The `config_class` (a model config dataclass: DiTConfig, TextModelConfig) that
+    `config_to_dict` wrote as JSON."""
+    known = {f.name for f in dataclasses.fields(config_class)}
     unknown = sorted(set(fields) - known)
     if unknown:
-        raise ValueError(f"unknown DiTConfig field(s) {unknown}; known: {sorted(known)}")
+        raise ValueError(f"unknown {config_class.__name__} field(s) {unknown}; known: "
+                         f"{sorted(known)}")
     fields = dict(fields)
     if "dtype" in fields:
         fields["dtype"] = jnp.dtype(fields["dtype"])
     if isinstance(fields.get("input_size"), list):
         fields["input_size"] = tuple(fields["input_size"])
-    return DiTConfig(**fields)
+    return config_class(**fields)
 
 
 # Fields that change how a model computes but not its weights: the only ones a loaded model may

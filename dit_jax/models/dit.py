@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from functools import partial
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +55,20 @@ ATTENTION_IMPLS = ("xla", "cudnn", "splash", "auto")
 BLOCK_TYPES = ("adaln_zero", "adaln", "cross_attention", "in_context")
 # The blocks whose conditioning is the vector c (the others take the tokens [t_emb, y_emb]).
 ADALN_BLOCKS = ("adaln_zero", "adaln")
+
+
+def check_remat(remat) -> None:
+    """ValueError unless `remat` is a bool or the name of a jax.checkpoint_policies policy."""
+    if isinstance(remat, str) and not callable(getattr(jax.checkpoint_policies, remat, None)):
+        raise ValueError(f"remat must be a bool or a jax.checkpoint_policies name, got {remat!r}")
+
+
+def check_execution_options(attention_impl: str, remat) -> None:
+    """The options that change how a model runs, not what it computes, checked (DiT, PixArt)."""
+    if attention_impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, "
+                         f"got {attention_impl!r}")
+    check_remat(remat)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,13 +113,7 @@ class DiTConfig:
             raise ValueError(f"numerics must be one of {sorted(NUMERICS)}, got {self.numerics!r}")
         if self.block not in BLOCK_TYPES:
             raise ValueError(f"block must be one of {BLOCK_TYPES}, got {self.block!r}")
-        if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, "
-                             f"got {self.attention_impl!r}")
-        if isinstance(self.remat, str) and not callable(
-                getattr(jax.checkpoint_policies, self.remat, None)):
-            raise ValueError(f"remat must be a bool or a jax.checkpoint_policies name, "
-                             f"got {self.remat!r}")
+        check_execution_options(self.attention_impl, self.remat)
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -752,14 +760,20 @@ def convert_blocks(model: DiT, *, scan_blocks: bool) -> DiT:
 
 def split_model(cfg: DiTConfig):
     """(graphdef, abstract params, abstract buffers) of a DiT without allocating its weights."""
+    return split_abstract(lambda: DiT(cfg, rngs=nnx.Rngs(0)))
+
+
+def split_abstract(build: Callable[[], nnx.Module]):
+    """(graphdef, abstract params, abstract other variables) of the module `build()` returns,
+    without allocating its weights."""
     # jax.eval_shape rather than nnx.eval_shape: the latter turns logical axis names into mesh
     # axes when a mesh is set, which they are not (the rules in dit_jax.sharding map them).
     graphdefs = []
 
-    def build():
-        graphdef, params, buffers = nnx.split(DiT(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+    def split():
+        graphdef, params, buffers = nnx.split(build(), nnx.Param, ...)
         graphdefs.append(graphdef)
         return params, buffers
 
-    params, buffers = jax.eval_shape(build)
+    params, buffers = jax.eval_shape(split)
     return graphdefs[0], params, buffers

@@ -35,9 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dit_jax.models.dit import (ATTENTION_IMPLS, NORM_EPS, TOKENS_AXES, VECTOR_AXES, Attention,
-                                 Mlp, TimestepEmbedder, _linear, _meta, constrain, layer_norm,
-                                 modulate, sincos_1d, unpatchify)
+from dit_jax.models.dit import (NORM_EPS, TOKENS_AXES, VECTOR_AXES, Attention, Mlp,
+                                 TimestepEmbedder, _linear, _meta, check_execution_options,
+                                 constrain, layer_norm, modulate, sincos_1d, unpatchify)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,13 +89,7 @@ class PixArtConfig:
         if self.micro_conditions and d % 3:
             raise ValueError(f"micro-conditions embed resolution and aspect ratio in hidden_size/3 "
                              f"channels each: hidden_size {d} is not divisible by 3")
-        if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, "
-                             f"got {self.attention_impl!r}")
-        if isinstance(self.remat, str) and not callable(
-                getattr(jax.checkpoint_policies, self.remat, None)):
-            raise ValueError(f"remat must be a bool or a jax.checkpoint_policies name, "
-                             f"got {self.remat!r}")
+        check_execution_options(self.attention_impl, self.remat)
 
     @property
     def base_size(self) -> int:

@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dit_jax.models.dit import check_remat
+
 # transformers' ACT2FN names that T5 configurations use ("gated-gelu" means gelu_new).
 ACTIVATIONS = {
     "relu": jax.nn.relu,
@@ -73,10 +75,7 @@ class T5EncoderConfig:
 
     def __post_init__(self):
         self.activation  # noqa: B018 (validates feed_forward_proj)
-        if isinstance(self.remat, str) and not callable(
-                getattr(jax.checkpoint_policies, self.remat, None)):
-            raise ValueError(f"remat must be a bool or a jax.checkpoint_policies name, "
-                             f"got {self.remat!r}")
+        check_remat(self.remat)
 
     @property
     def is_gated(self) -> bool:

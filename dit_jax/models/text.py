@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dit_jax.models.dit import split_abstract
 from dit_jax.models.pixart import PixArt, PixArtConfig
 from dit_jax.models.t5 import T5Encoder, T5EncoderConfig
 
@@ -154,15 +155,7 @@ class TextToImage(nnx.Module):
 def split_text_model(cfg: TextModelConfig):
     """(graphdef, abstract params, abstract buffers) of a TextToImage, without allocating it; the
     null caption is a buffer (never trained)."""
-    graphdefs = []
-
-    def build():
-        graphdef, params, rest = nnx.split(TextToImage(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
-        graphdefs.append(graphdef)
-        return params, rest
-
-    params, rest = jax.eval_shape(build)
-    return graphdefs[0], params, rest
+    return split_abstract(lambda: TextToImage(cfg, rngs=nnx.Rngs(0)))
 
 
 __all__ = ["ENCODERS", "TextModelConfig", "TextToImage", "split_text_model"]

@@ -61,7 +61,7 @@ from dit_jax.checkpoint import (RUNTIME_FIELDS, is_model_checkpoint, is_train_wo
 from dit_jax.models.dit import (DIT_CONFIGS, NUMERICS, DiT, DiTConfig, convert_blocks,
                                  sincos_2d)
 from dit_jax.port.keys import (check_config, check_finite, check_keys, check_model_finite,
-                               read_config_json, read_safetensors, require_torch,
+                               read_config_json, read_safetensors, require_torch, shape_of,
                                write_safetensors)
 from dit_jax.port.paths import (TORCH_SUFFIXES, close_names, looks_like_hub_id,
                                 missing_path_message)
@@ -303,13 +303,7 @@ def infer_official(state_dict: Mapping[str, np.ndarray], *, input_size=None,
     (and class_dropout_prob, which decides the label table's size: see `label_fields`)."""
 
     def need(key, ndim):
-        if key not in state_dict:
-            raise ValueError(f"missing key {key!r}: not an official-layout DiT state_dict "
-                             f"(it has {len(state_dict)} keys, e.g. {sorted(state_dict)[:5]})")
-        shape = tuple(state_dict[key].shape)
-        if len(shape) != ndim:
-            raise ValueError(f"{key} has shape {shape}: expected {ndim} dimensions")
-        return shape
+        return shape_of(state_dict, key, ndim, "an official-layout DiT")
 
     width, in_channels, patch, _ = need("x_embedder.proj.weight", 4)
     tokens = need("pos_embed", 3)[1]

@@ -33,6 +33,19 @@ def check_keys(found: Iterable[str], expected: Iterable[str], what: str,
 TORCH_EXTRA = 'pip install -e ".[torch]"'
 
 
+def shape_of(state_dict: Mapping[str, Any], key: str, ndim: int, layout: str) -> tuple[int, ...]:
+    """The shape of state_dict[key], which must be there with `ndim` dimensions; else a
+    ValueError saying the dict is not a `layout` state_dict (what the ports read configs from)."""
+    if key not in state_dict:
+        raise ValueError(f"missing key {key!r}: not {layout} state_dict (it has "
+                         f"{len(state_dict)} keys, e.g. {sorted(state_dict)[:5]})")
+    shape = tuple(state_dict[key].shape)
+    if len(shape) != ndim:
+        raise ValueError(f"{key} has shape {shape}: expected {ndim} dimensions in {layout} "
+                         f"state_dict")
+    return shape
+
+
 def require_torch(what: str):
     """The torch module, or an ImportError that says what needed it and which extra to install."""
     try:

@@ -47,7 +47,7 @@ from flax import nnx
 
 from dit_jax.models.pixart import PixArt, PixArtConfig
 from dit_jax.port import dit as dit_port
-from dit_jax.port.keys import check_keys, require_torch, write_safetensors
+from dit_jax.port.keys import check_keys, require_torch, shape_of, write_safetensors
 
 DOWNLOAD_HELP = (
     "PixArt-α weights: the Hugging Face hub pipelines PixArt-alpha/PixArt-XL-2-512x512 and "
@@ -241,13 +241,10 @@ def infer_original(state_dict: Mapping[str, np.ndarray], source: str = "the stat
     state_dict."""
 
     def need(key, ndim):
-        if key not in state_dict:
-            raise ValueError(f"{source}: missing key {key!r}: not an original PixArt-α state_dict "
-                             f"(it has {len(state_dict)} keys, e.g. {sorted(state_dict)[:5]})")
-        shape = tuple(state_dict[key].shape)
-        if len(shape) != ndim:
-            raise ValueError(f"{source}: {key} has shape {shape}, expected {ndim} dimensions")
-        return shape
+        try:
+            return shape_of(state_dict, key, ndim, "an original PixArt-α")
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
 
     width, in_channels, patch, _ = need("x_embedder.proj.weight", 4)
     blocks = {int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))}

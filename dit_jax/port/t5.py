@@ -17,7 +17,6 @@ calls it (max-length padding to 120 tokens, truncation, EOS appended). See docs/
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
