@@ -64,6 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.text.encoder_heads = 4
     c.text.encoder_head_dim = 16
     c.text.encoder_ff = 128
+    c.text.pooled_text = False  # also the pooled caption into the modulation (docs/text.md)
     c.text.prompts = []  # the sample grids' prompts
     c.text.negative_prompt = ""  # the grids' unconditional branch ("": the null caption)
 

@@ -46,7 +46,8 @@ def perturbed(model: TextToImage, seed: int = 1) -> TextToImage:
 
 @pytest.fixture(scope="module")
 def model():
-    return perturbed(TextToImage(tiny_config(), rngs=nnx.Rngs(0)))
+    # With the pooled caption in the modulation: the padding and guidance tests cover it too.
+    return perturbed(TextToImage(tiny_config(pooled_text=True), rngs=nnx.Rngs(0)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,6 +153,37 @@ def test_padding_tokens_never_change_the_output(model):
     other = ids.copy()
     other[0, 1] = tok(["green"])[0][0, 0]
     assert not np.allclose(model(x, t, other, mask)[0], base[0], atol=1e-4)
+
+
+def test_pooled_text_starts_as_the_plain_pixart_block_and_then_conditions(model):
+    """pooled_text adds Linear(masked mean of the caption) to the timestep embedding; the Linear
+    starts at zero, so a fresh model is the PixArt-α block; once trained, it moves the output."""
+    tok = WordTokenizer(WORDS, max_length=model.config.max_length)
+    ids, mask = tok(["a red circle", "a blue triangle on a light background"])
+    x = jax.random.normal(jax.random.key(4), (2, 8, 8, 3))
+    t = jnp.asarray([30, 600])
+    fresh = TextToImage(tiny_config(pooled_text=True), rngs=nnx.Rngs(0))
+    assert not np.any(np.asarray(fresh.pooled_proj.kernel[...]))
+    # The same weights without the pooled path: equal while its Linear is zero.
+    plain = TextToImage(tiny_config(), rngs=nnx.Rngs(0))
+    values = nnx.to_pure_dict(nnx.state(model))
+    del values["pooled_proj"]
+    plain_state = nnx.state(plain)
+    nnx.replace_by_pure_dict(plain_state, values)
+    nnx.update(plain, plain_state)
+    zeroed = nnx.clone(model)
+    zeroed.pooled_proj.kernel[...] = jnp.zeros_like(zeroed.pooled_proj.kernel[...])
+    zeroed.pooled_proj.bias[...] = jnp.zeros_like(zeroed.pooled_proj.bias[...])
+    np.testing.assert_allclose(zeroed(x, t, ids, mask), plain(x, t, ids, mask), atol=1e-6)
+    # A nonzero projection: the caption's mean, by hand, added to the timestep embedding.
+    emb = model.encode(ids, mask)
+    m = np.asarray(mask, np.float64)[..., None]
+    pooled = (np.asarray(emb, np.float64) * m).sum(1) / m.sum(1)
+    expected = pooled @ np.asarray(model.pooled_proj.kernel[...], np.float64) + np.asarray(
+        model.pooled_proj.bias[...], np.float64)
+    got = model.dit(x, t, emb, mask, condition=jnp.asarray(expected, jnp.float32))
+    np.testing.assert_allclose(model.denoise(x, t, emb, mask), got, atol=1e-5, rtol=1e-5)
+    assert not np.allclose(model(x, t, ids, mask), zeroed(x, t, ids, mask), atol=1e-4)
 
 
 def test_guidance_with_negative_prompt_equals_hand_computation(model):
@@ -266,6 +298,8 @@ def test_short_text_training_lowers_the_loss_and_follows_colours(tmp_path):
     c.sample.steps = 20
     c.async_checkpointing = False
     result = train(c, tmp_path / "run")
+    # What train.py's end-of-run summary reads.
+    assert (result["start"], result["step"], result["status"]) == (0, 600, "completed")
     lines = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     losses = [m["loss"] for m in lines if "loss" in m]
     assert losses[-1] < 0.7 * losses[0]
@@ -283,3 +317,17 @@ def test_short_text_training_lowers_the_loss_and_follows_colours(tmp_path):
                               negative_prompt="a yellow circle", **settings)
     assert plain.shape == (2, 32, 32, 3) and plain.dtype == np.uint8
     assert np.abs(plain.astype(int) - negative).mean() > 1
+
+    # The command line itself: python sample.py --ckpt=W --prompt=... --prompt=...
+    from absl import flags
+    from PIL import Image
+
+    import sample as sample_script
+
+    flags.FLAGS.unparse_flags()
+    sample_script.parse_flags(["sample.py", f"--ckpt={tmp_path / 'run'}", "--prompt=a red square",
+                               "--prompt=a blue circle", "--steps=5",
+                               f"--out={tmp_path / 'prompts'}"])
+    sample_script.main([])
+    grid = np.asarray(Image.open(tmp_path / "prompts" / "grid.png"))
+    assert grid.shape == (2 + 34, 2 + 2 * 34, 3) and len(np.unique(grid)) > 8  # 32 px + padding

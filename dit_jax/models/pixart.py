@@ -252,6 +252,8 @@ class PixArt(nnx.Module):
     out_channels): ε, then the variance interpolation values when learn_sigma. With `train=True`
     and class_dropout_prob > 0, captions are replaced by the null caption at that rate, using
     `rngs` (an nnx.Rngs with a `dropout` stream, or a key); the mask is kept, as in the original.
+    `condition` (N, D), not in PixArt-α: a vector added to the timestep embedding, so that it
+    drives every block's modulation (the pooled text of `TextModelConfig.pooled_text`).
     """
 
     def __init__(self, cfg: PixArtConfig | None = None, *, rngs: nnx.Rngs | None = None,
@@ -306,7 +308,7 @@ class PixArt(nnx.Module):
         return temb + jnp.concatenate([size, self.ar_embedder(aspect_ratio)], axis=-1)
 
     def __call__(self, x, t, text_tokens, text_mask=None, *, resolution=None, aspect_ratio=None,
-                 train: bool = False, rngs=None):
+                 condition=None, train: bool = False, rngs=None):
         cfg = self.config
         batch, height, width, _ = x.shape
         p = cfg.patch_size
@@ -325,6 +327,8 @@ class PixArt(nnx.Module):
         tokens = self.x_embedder(x.astype(jnp.float32)).reshape(batch, -1, cfg.hidden_size)
         tokens = tokens + jnp.asarray(self.pos_embed(grid))  # (N, T, D)
         temb = self.timestep_embedding(t, batch, resolution, aspect_ratio)  # (N, D)
+        if condition is not None:  # a global conditioning vector beside t (e.g. pooled text)
+            temb = temb + condition
         t0 = self.t_block(nnx.silu(temb))  # (N, 6·D), shared by all blocks
         if train and cfg.class_dropout_prob > 0:
             if rngs is None:

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dit_jax.models.dit import split_abstract
+from dit_jax.models.dit import _linear, split_abstract
 from dit_jax.models.pixart import PixArt, PixArtConfig
 from dit_jax.models.t5 import T5Encoder, T5EncoderConfig
 
@@ -64,6 +64,10 @@ class TextModelConfig:
     attention_impl: str = "xla"
     remat: bool | str = False
     condition: str = "text"  # marks model_config.json as a text model's
+    # Also add the caption's masked mean, projected to the width, to the timestep embedding, so
+    # the text drives every block's modulation as a class label does in DiT (not in PixArt-α,
+    # whose text reaches the image only through cross-attention; docs/text.md).
+    pooled_text: bool = False
 
     def __post_init__(self):
         if self.encoder not in ENCODERS:
@@ -108,6 +112,11 @@ class TextToImage(nnx.Module):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = cfg
         self.dit = PixArt(cfg.pixart, rngs=rngs)
+        # Zero-initialised: a fresh model starts as the plain PixArt-α block.
+        self.pooled_proj = (_linear(cfg.caption_channels, cfg.hidden_size, rngs=rngs,
+                                    names=("caption", "embed"),
+                                    kernel_init=nnx.initializers.zeros_init())
+                            if cfg.pooled_text else None)
         t5 = cfg.t5
         self.text_encoder = T5Encoder(t5, rngs=rngs) if t5 is not None else None
 
@@ -146,7 +155,12 @@ class TextToImage(nnx.Module):
                 jnp.where(drop[:, None], null_mask, jnp.asarray(text_mask, jnp.int32)))
 
     def denoise(self, x, t, embeddings, text_mask):
-        return self.dit(x, t, embeddings, text_mask)
+        condition = None
+        if self.pooled_proj is not None:
+            mask = jnp.asarray(text_mask, jnp.float32)[..., None]  # (N, L, 1)
+            pooled = (embeddings * mask).sum(1) / jnp.maximum(mask.sum(1), 1.0)  # (N, C)
+            condition = self.pooled_proj(pooled)
+        return self.dit(x, t, embeddings, text_mask, condition=condition)
 
     def __call__(self, x, t, text, text_mask):
         return self.denoise(x, t, self.encode(text, text_mask), text_mask)

@@ -86,6 +86,7 @@ def text_model_config(config, tokenizer: WordTokenizer, in_channels: int, input_
         encoder=t.encoder, vocab_size=tokenizer.vocab_size if t.encoder == "t5" else 0,
         encoder_layers=int(t.encoder_layers), encoder_heads=int(t.encoder_heads),
         encoder_head_dim=int(t.encoder_head_dim), encoder_ff=int(t.encoder_ff),
+        pooled_text=bool(t.get("pooled_text", False)),
         dtype=_DTYPES[m.dtype], attention_impl="xla" if m.attention_impl == "auto"
         else m.attention_impl)
 
@@ -247,7 +248,7 @@ def train_text(config, workdir: str | os.PathLike, make_objective: Callable) -> 
             batches.close()
             progress.close()
             writer.close()
-    return {"step": step, "status": "completed", "metrics": last}
+    return {"step": step, "start": start, "status": "completed", "metrics": last}
 
 
 def sample_grid(workdir: Path, step: int, graphdef, ema, buffers, tokenizer, prompts, config,
