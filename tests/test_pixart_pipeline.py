@@ -2,7 +2,6 @@
 on tiny random models: same latents and decoded images from the same noise, the prompt-embedding
 cache, the negative prompt's guidance, and sample.py --pixart end to end."""
 
-import io
 
 import jax
 
@@ -14,9 +13,10 @@ from PIL import Image
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
-spm = pytest.importorskip("sentencepiece")
+pytest.importorskip("sentencepiece")
 
 import sample as sample_script  # noqa: E402
+from references import perturb_torch, sentencepiece_model  # noqa: E402
 from dit_jax import diffusion as diff  # noqa: E402
 from dit_jax.pixart_sampling import PixArtPipeline, PromptEncoder  # noqa: E402
 from dit_jax.sharding import make_mesh  # noqa: E402
@@ -37,28 +37,14 @@ VAE_CONFIG = dict(block_out_channels=[16, 32], layers_per_block=1, latent_channe
 def _perturb(model, seed):
     """Every parameter redrawn (std 1/sqrt(fan_in) for matrices, N(0, 0.1²) for vectors, norm
     scales N(1, 0.1²)): a fresh PixArt outputs zero and ignores the text."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim > 1:
-                p.normal_(0.0, p[0].numel() ** -0.5, generator=generator)
-            elif "norm" in name and name.endswith("weight"):
-                p.normal_(1.0, 0.1, generator=generator)
-            else:
-                p.normal_(0.0, 0.1, generator=generator)
-    return model.eval()
+    return perturb_torch(model, seed)
 
 
 def _tokenizer(folder):
     sentences = ["a photo of a cat sitting on a red chair", "an astronaut riding a horse",
                  "a lighthouse at dusk", "a red square and a blue circle"] * 5
-    buffer = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_writer=buffer, vocab_size=60,
-        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>",
-        eos_piece="</s>", unk_piece="<unk>", hard_vocab_limit=False, minloglevel=2)
     folder.mkdir()
-    (folder / "spiece.model").write_bytes(buffer.getvalue())
+    (folder / "spiece.model").write_bytes(sentencepiece_model(sentences, 60))
     return transformers.T5TokenizerFast.from_pretrained(folder)
 
 

@@ -1,7 +1,6 @@
 """The T5 encoder and tokenizer: the same numbers as transformers' T5EncoderModel and T5 tokenizer
 on small random models, every checkpoint layout, bf16, sharded over the 8-device CPU mesh."""
 
-import io
 import json
 import math
 import shutil
@@ -12,6 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
+
+from references import sentencepiece_model
 
 from dit_jax import sharding
 from dit_jax.models import t5
@@ -267,19 +268,14 @@ PROMPTS = ["a cat on the moon", "", "x" * 300, "a <extra_id_0> dog <extra_id_99>
 def tokenizer_folders(tmp_path_factory):
     """A tiny SentencePiece Unigram model trained here (ids as T5's: pad 0, EOS 1, unk 2), as
     spiece.model, and the tokenizer.json that transformers' T5 tokenizer writes from it."""
-    spm = pytest.importorskip("sentencepiece")
+    pytest.importorskip("sentencepiece")
     transformers = pytest.importorskip("transformers")
     sentences = ["a photo of a cat sitting on a red chair", "an astronaut riding a horse",
                  "a bowl of fruit: apples, oranges and bananas!", "a lighthouse at dusk",
                  "The quick brown fox jumps over the lazy dog.", "Ünïcödé café naïve façade"] * 5
-    buffer = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_writer=buffer, vocab_size=80,
-        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>",
-        eos_piece="</s>", unk_piece="<unk>", hard_vocab_limit=False, minloglevel=2)
     root = tmp_path_factory.mktemp("tokenizer")
     (root / "spiece").mkdir()
-    (root / "spiece" / "spiece.model").write_bytes(buffer.getvalue())
+    (root / "spiece" / "spiece.model").write_bytes(sentencepiece_model(sentences, 80))
     hf = transformers.T5TokenizerFast.from_pretrained(root / "spiece")
     hf.save_pretrained(root / "json")
     assert not (root / "json" / "spiece.model").exists()

@@ -214,20 +214,14 @@ def t5_folder(root, sentences):
     `sentences`, in one folder, as `--text-encoder` takes it."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    spm = pytest.importorskip("sentencepiece")
-    import io
-
-    buffer = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences * 4), model_writer=buffer, vocab_size=30,
-        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>",
-        eos_piece="</s>", unk_piece="<unk>", hard_vocab_limit=False, minloglevel=2)
+    pytest.importorskip("sentencepiece")
+    from references import sentencepiece_model
     torch.manual_seed(0)
     model = transformers.T5EncoderModel(transformers.T5Config(
         vocab_size=40, d_model=16, d_kv=4, d_ff=24, num_layers=1, num_heads=4,
         feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False)).eval()
     model.save_pretrained(root)
-    (root / "spiece.model").write_bytes(buffer.getvalue())
+    (root / "spiece.model").write_bytes(sentencepiece_model(sentences * 4, 30))
     return root
 
 

@@ -17,6 +17,7 @@ from dit_jax.port import load_vae, vae_from_torch_state_dict
 from dit_jax.port.vae import VAEWeightsError, vae_to_torch_state_dict
 
 torch = pytest.importorskip("torch")
+from references import perturb_torch  # noqa: E402
 diffusers = pytest.importorskip("diffusers")
 
 SMALL_CONFIG = dict(block_out_channels=[32, 64], layers_per_block=1, latent_channels=4,
@@ -32,17 +33,7 @@ def _torch_vae(config, seed):
     and GroupNorm shifts N(0, 0.1²): nothing zero, so every weight's mapping is exercised."""
     with torch.device("meta"):  # skip diffusers' own initialisation: everything is overwritten
         model = diffusers.AutoencoderKL(**config)
-    model = model.to_empty(device="cpu").eval()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.ndim > 1:
-                param.normal_(0.0, param[0].numel() ** -0.5, generator=generator)
-            elif "norm" in name and name.endswith(".weight"):
-                param.normal_(1.0, 0.1, generator=generator)
-            else:
-                param.normal_(0.0, 0.1, generator=generator)
-    return model
+    return perturb_torch(model.to_empty(device="cpu"), seed)
 
 
 def _nhwc(t):

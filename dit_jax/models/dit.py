@@ -63,6 +63,19 @@ def check_remat(remat) -> None:
         raise ValueError(f"remat must be a bool or a jax.checkpoint_policies name, got {remat!r}")
 
 
+def remat_policy(remat):
+    """The jax.checkpoint policy a `remat` setting names (None: recompute everything)."""
+    return getattr(jax.checkpoint_policies, remat) if isinstance(remat, str) else None
+
+
+def call_block(block: nnx.Module, remat, *args):
+    """`block(*args)`, rematerialised in the backward pass when `remat` says so (True, or the
+    name of a jax.checkpoint_policies policy); shared by the DiT, PixArt and T5 block stacks."""
+    if not remat:
+        return block(*args)
+    return nnx.remat(type(block).__call__, policy=remat_policy(remat))(block, *args)
+
+
 def check_execution_options(attention_impl: str, remat) -> None:
     """The options that change how a model runs, not what it computes, checked (DiT, PixArt)."""
     if attention_impl not in ATTENTION_IMPLS:
@@ -684,17 +697,12 @@ class DiT(nnx.Module):
             def body(carry, layer):
                 return nnx.merge(graphdef, layer)(carry, c), None
             if cfg.remat:
-                body = jax.checkpoint(body, policy=self._remat_policy())
+                body = jax.checkpoint(body, policy=remat_policy(cfg.remat))
             x = jax.lax.scan(body, x, stacked)[0]
         else:
             for block in self.blocks:
-                x = (nnx.remat(type(block).__call__, policy=self._remat_policy())(block, x, c)
-                     if cfg.remat else block(x, c))
+                x = call_block(block, cfg.remat, x, c)
         return x[:, :-extra] if extra else x
-
-    def _remat_policy(self):
-        remat = self.config.remat
-        return getattr(jax.checkpoint_policies, remat) if isinstance(remat, str) else None
 
 
 def _stacked_blocks(cfg: DiTConfig, rngs: nnx.Rngs) -> nnx.Module:

@@ -36,8 +36,9 @@ import numpy as np
 from flax import nnx
 
 from dit_jax.models.dit import (NORM_EPS, TOKENS_AXES, VECTOR_AXES, Attention, Mlp,
-                                 TimestepEmbedder, _linear, _meta, check_execution_options,
-                                 constrain, layer_norm, modulate, sincos_1d, unpatchify)
+                                 TimestepEmbedder, _linear, _meta, call_block,
+                                 check_execution_options, constrain, layer_norm, modulate,
+                                 sincos_1d, unpatchify)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -342,10 +343,7 @@ class PixArt(nnx.Module):
         return unpatchify(out, grid, p)  # (N, H, W, out_channels)
 
     def run_blocks(self, x, y, t0, mask):
-        remat = self.config.remat
-        policy = getattr(jax.checkpoint_policies, remat) if isinstance(remat, str) else None
         for block in self.blocks:
-            x = (nnx.remat(type(block).__call__, policy=policy)(block, x, y, t0, mask)
-                 if remat else block(x, y, t0, mask))
+            x = call_block(block, self.config.remat, x, y, t0, mask)
         return x
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dit_jax.models.dit import check_remat
+from dit_jax.models.dit import call_block, check_remat
 
 # transformers' ACT2FN names that T5 configurations use ("gated-gelu" means gelu_new).
 ACTIVATIONS = {
@@ -288,10 +288,8 @@ class T5Encoder(nnx.Module):
             # produced by the tokenizer, which always keeps EOS) averages instead of giving NaN.
             bias = jnp.where(mask[:, None, None, :] > 0, bias, jnp.finfo(jnp.float32).min)
         x = jnp.take(self.shared[...], input_ids, axis=0).astype(jnp.float32)
-        policy = getattr(jax.checkpoint_policies, cfg.remat) if isinstance(cfg.remat, str) else None
         for block in self.blocks:
-            x = (nnx.remat(type(block).__call__, policy=policy)(block, x, bias) if cfg.remat
-                 else block(x, bias))
+            x = call_block(block, cfg.remat, x, bias)
         return self.final_layer_norm(x)
 
 
