@@ -19,6 +19,8 @@
     # a text-to-image run (model.condition=text, docs/text.md): one image per prompt
     python sample.py --ckpt runs/text_demo --prompt "a blue triangle" --prompt "a red square" \\
         --negative-prompt "a red circle"
+    # a run on a frozen T5's embeddings (a PixArt-α fine-tune): the T5 it recorded encodes
+    python sample.py --ckpt runs/pixart_ft --prompt "a lighthouse at dusk" [--t5 t5-v1_1-xxl/]
 
 --ckpt is anything `dit_jax.port.load_any` reads: an official .pt, a .safetensors file, a diffusers
 folder or hub id, a dit_jax model checkpoint directory, or a train.py workdir. A workdir's own
@@ -35,7 +37,6 @@ import json
 from pathlib import Path
 
 import jax
-import numpy as np
 from absl import app, flags, logging
 from jax.experimental import multihost_utils
 
@@ -52,9 +53,8 @@ from dit_jax.port.dit import DOWNLOAD_HELP
 from dit_jax.port.paths import close_names, looks_like_hub_id, missing_path_message
 from dit_jax.samplers import ALIASES
 from dit_jax.sampling import (CHECKPOINT_KINDS, DEFAULT_VAE, GUIDANCE_CHANNELS, RUN_SETTINGS,
-                              SAMPLERS, TRANSPORT_SAMPLERS, SampleRequest, make_grid, run_settings,
-                              sample, save_png)
-from dit_jax.text_sampling import load_text_run, sample_prompts
+                              SAMPLERS, TRANSPORT_SAMPLERS, SampleRequest, run_settings, sample)
+from dit_jax.text_sampling import sample_text_run
 from dit_jax.pixart_sampling import PixArtRequest, sample_pixart
 
 FLAGS = flags.FLAGS
@@ -112,8 +112,10 @@ flags.DEFINE_string("pixart", None,
                     "PixArt-α text-to-image weights (pipeline or transformer folder, hub id, "
                     ".pth): sample --prompt with T5 and the SD VAE (docs/pixart.md); --sampler, "
                     "--steps, --cfg-scale default to diffusers' dpm++, 20, 4.5")
-flags.DEFINE_string("t5", None, "with --pixart: the T5 encoder + tokenizer folder or hub id "
-                    "(default: the --pixart pipeline's text_encoder/ and tokenizer/)")
+flags.DEFINE_string("t5", None, "the T5 encoder + tokenizer folder or hub id: with --pixart "
+                    "(default: the pipeline's text_encoder/ and tokenizer/), or with --ckpt of a "
+                    "text run trained on a frozen T5's embeddings (default: the T5 its config.json "
+                    "records, text.t5)")
 flags.DEFINE_string("prompt_cache", None,
                     "with --pixart: a folder caching the T5 embedding of each prompt on disk")
 cli.define_distributed_flag()
@@ -222,18 +224,14 @@ def evaluate_samples(npz: str) -> dict:
 
 def sample_text() -> Path:
     """--prompt: one image per prompt from a text run's EMA weights, as OUT/grid.png (the run's
-    config.json sets the sampler, steps, guidance and clipping unless the flags are given)."""
-    model, tokenizer, settings = load_text_run(FLAGS.ckpt)
-    for name in ("sampler", "steps", "cfg_scale", "clip_denoised", "image_size"):
-        if FLAGS[name].present:
-            settings[name] = FLAGS[name].value
-    images = sample_prompts(model, tokenizer, FLAGS.prompt, negative_prompt=FLAGS.negative_prompt,
-                            seed=FLAGS.seed, **settings)
-    out = Path(FLAGS.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_png(out / "grid.png", make_grid(images))
-    np.savez(out / "samples.npz", images=images, prompts=np.asarray(FLAGS.prompt))
-    return out / "grid.png"
+    config.json sets the sampler, steps, guidance, clipping, VAE and T5 unless flags are given;
+    dit_jax.text_sampling.sample_text_run)."""
+    given = {name: FLAGS[name].value for name in ("sampler", "steps", "cfg_scale",
+                                                  "clip_denoised", "image_size")
+             if FLAGS[name].present}
+    return sample_text_run(FLAGS.ckpt, FLAGS.prompt, out=FLAGS.out,
+                           negative_prompt=FLAGS.negative_prompt, seed=FLAGS.seed, t5=FLAGS.t5,
+                           vae=FLAGS.vae if FLAGS["vae"].present else None, **given)
 
 
 def sample_pixart_flags() -> dict:

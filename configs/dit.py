@@ -57,8 +57,12 @@ def base_config() -> ml_collections.ConfigDict:
     # model.condition="text" only (docs/text.md).
     c.text = ml_collections.ConfigDict()
     c.text.encoder = "t5"  # "t5": a small T5 encoder trained with the model; "none": embeddings
-    c.text.max_length = 120  # text tokens (and the null caption's length)
-    c.text.caption_channels = 4096  # the encoder's width (T5-XXL: 4096)
+    c.text.max_length = 120  # text tokens (and the null caption's length); 0: from the data
+    c.text.caption_channels = 4096  # the encoder's width (T5-XXL: 4096); 0: from the data
+    # text.encoder="none": the frozen T5 (folder or hub id, with its tokenizer) whose embeddings
+    # the latents hold. "": as their text_manifest.json names it (filled in at train time, so
+    # the run's config.json records it and sample.py --prompt encodes prompts with it).
+    c.text.t5 = ""
     c.text.caption_dropout = 0.1  # rate of the null caption in training (PixArt-α: 0.1)
     c.text.encoder_layers = 2  # the jointly trained encoder's size
     c.text.encoder_heads = 4

@@ -313,6 +313,13 @@ flags.DEFINE_integer("max_text_length", 120, "text tokens per caption, padded (P
                      flag_values=FLAGS)
 
 
+def encoder_name(src: str) -> str:
+    """What the text manifest records of --text-encoder: a local folder as an absolute path (a
+    run trained on the embeddings finds it from any directory), a hub id as given."""
+    path = Path(src).expanduser()
+    return str(path.absolute()) if path.exists() else src
+
+
 def main(argv: Sequence[str]) -> dict[str, Any]:
     """`python -m dit_jax.extract_latents --data=DIR --out=DIR [flags]`; argv without the program
     name. Returns the manifest."""
@@ -341,7 +348,7 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
     if FLAGS.captions:
         extract_text(FLAGS.data, FLAGS.out, t5_text_encoder(FLAGS.text_encoder,
                                                             max_length=FLAGS.max_text_length),
-                     encoder_name=FLAGS.text_encoder, dtype=FLAGS.dtype)
+                     encoder_name=encoder_name(FLAGS.text_encoder), dtype=FLAGS.dtype)
     if jax.process_index() == 0:
         print(f"{manifest['count']} latents {tuple(manifest['latent_shape'])} in {FLAGS.out} "
               f"({manifest['skipped']} unreadable images skipped)", file=sys.stderr)

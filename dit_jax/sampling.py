@@ -394,7 +394,8 @@ def _describe_weights(identity: dict | None) -> str:
 
 # What sample.py writes into OUT (besides an --npz named there): anything else is not its own.
 OUT_ENTRIES = {"chunks", "samples", "grid.png", "latents.npz", "latents.tmp", "samples.npz",
-               "samples.tmp", "metrics.json"}
+               "samples.tmp", "metrics.json", "prompts.json"}
+PROMPTS_FILE = "prompts.json"  # what sample.py --prompt of a text run asked for (its own OUT)
 CHUNK_FILE = re.compile(r"\d{6}\.(npz|tmp)|run\.json")
 SAMPLE_FILE = re.compile(r"\d{6}\.png")
 
@@ -402,7 +403,8 @@ SAMPLE_FILE = re.compile(r"\d{6}\.png")
 def check_out_dir(out: Path, npz: str | None = None) -> None:
     """Refuse an OUT that holds files sample.py did not write (it writes, and on a resume
     overwrites, OUT/grid.png, samples/, chunks/...): a new or empty directory, or one of its own
-    runs (OUT/chunks/run.json) holding only its own file names."""
+    runs (OUT/chunks/run.json, or OUT/prompts.json of a text run's prompts) holding only its
+    own file names."""
     if not out.exists():
         return
     if not out.is_dir():
@@ -410,7 +412,7 @@ def check_out_dir(out: Path, npz: str | None = None) -> None:
     entries = sorted(p.name for p in out.iterdir())
     if not entries:
         return
-    if not (out / "chunks" / "run.json").is_file():
+    if not ((out / "chunks" / "run.json").is_file() or (out / PROMPTS_FILE).is_file()):
         foreign = entries
     else:
         known = set(OUT_ENTRIES)

@@ -68,6 +68,13 @@ class TextModelConfig:
     # the text drives every block's modulation as a class label does in DiT (not in PixArt-α,
     # whose text reaches the image only through cross-attention; docs/text.md).
     pooled_text: bool = False
+    # As the PixArt-α weights a run fine-tunes say (docs/pixart.md): the 1024-MS model's
+    # micro-conditions (resolution and aspect ratio, computed from the input's latent size times
+    # `latent_scale`, the VAE's pixels per latent pixel) and the position table's interpolation
+    # scale (None: PixArt's default, max(input_size // 64, 1)).
+    micro_conditions: bool = False
+    interpolation_scale: float | None = None
+    latent_scale: int = 8
 
     def __post_init__(self):
         if self.encoder not in ENCODERS:
@@ -85,7 +92,8 @@ class TextModelConfig:
             input_size=self.input_size, patch_size=self.patch_size, in_channels=self.in_channels,
             hidden_size=self.hidden_size, depth=self.depth, num_heads=self.num_heads,
             caption_channels=self.caption_channels, learn_sigma=self.learn_sigma,
-            micro_conditions=False, class_dropout_prob=self.caption_dropout,
+            micro_conditions=self.micro_conditions,
+            interpolation_scale=self.interpolation_scale, class_dropout_prob=self.caption_dropout,
             model_max_length=self.max_length, dtype=self.dtype,
             attention_impl=self.attention_impl, remat=self.remat)
 
@@ -160,7 +168,14 @@ class TextToImage(nnx.Module):
             mask = jnp.asarray(text_mask, jnp.float32)[..., None]  # (N, L, 1)
             pooled = (embeddings * mask).sum(1) / jnp.maximum(mask.sum(1), 1.0)  # (N, C)
             condition = self.pooled_proj(pooled)
-        return self.dit(x, t, embeddings, text_mask, condition=condition)
+        micro = {}
+        if self.config.micro_conditions:
+            # Square or not, the size of the image this input decodes to, as PixArt-MS trained.
+            n, height, width = x.shape[0], x.shape[1] * self.config.latent_scale, \
+                x.shape[2] * self.config.latent_scale
+            micro = {"resolution": jnp.tile(jnp.asarray([[height, width]], jnp.float32), (n, 1)),
+                     "aspect_ratio": jnp.full((n,), height / width, jnp.float32)}
+        return self.dit(x, t, embeddings, text_mask, condition=condition, **micro)
 
     def __call__(self, x, t, text, text_mask):
         return self.denoise(x, t, self.encode(text, text_mask), text_mask)

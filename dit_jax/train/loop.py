@@ -59,8 +59,8 @@ from dit_jax.sampling import ChunkSampler, Decoder, load_vae_decoder, make_grid,
 from dit_jax.sharding import host_batch_rows, make_mesh, model_buffers, shard_batch, state_shardings
 from dit_jax.transport import create_transport
 from dit_jax.train.logging import MetricWriter, Progress, Throughput, read_log
-from dit_jax.train.state import (abstract_train_state, create_train_state, make_optimizer,
-                                 model_config_from)
+from dit_jax.train.state import (abstract_train_state, check_init_params, create_train_state,
+                                 make_optimizer, model_config_from)
 from dit_jax.train.step import StepConfig, lower_train_step
 from dit_jax.train.text import train_text
 
@@ -503,13 +503,7 @@ def _initial_params(config, model_cfg: DiTConfig) -> nnx.State | None:
     if model.config.scan_blocks != model_cfg.scan_blocks:
         model = convert_blocks(model, scan_blocks=model_cfg.scan_blocks)
     params = nnx.state(model, nnx.Param)
-    _, expected, _ = split_model(model_cfg)
-    got = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-    want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
-    if got != want:
-        diff = sorted(set(got.items()) ^ set(want.items()))[:6]
-        raise ValueError(f"init_from {spec!r} does not fit the model of this run "
-                         f"(first differences, as (name, shape): {diff})")
+    check_init_params(spec, params, split_model(model_cfg)[1])
     return params
 
 

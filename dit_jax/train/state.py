@@ -159,6 +159,21 @@ def _new_state(params, tx, key) -> TrainState:
                       rng=jax.random.key_data(key))
 
 
+def check_init_params(spec: str, params, expected) -> None:
+    """Raise ValueError (one line) when the `init_from` weights `params` do not have the
+    parameter names and shapes of this run's model (`expected`, abstract params): the check of
+    every fine-tuning start, class-conditional (DiT) or text (PixArt-α)."""
+    def shapes(tree):
+        return {jax.tree_util.keystr(k): tuple(v.shape)
+                for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+    got, want = shapes(params), shapes(expected)
+    if got != want:
+        diff = sorted(set(got.items()) ^ set(want.items()))[:6]
+        raise ValueError(f"init_from {spec!r} does not fit the model of this run "
+                         f"(first differences, as (name, shape): {diff})")
+
+
 def create_train_state(cfg: DiTConfig, tx: optax.GradientTransformation, mesh: Mesh, *,
                        seed: int, init_params: nnx.State | None = None) -> TrainState:
     """A fresh state, created directly in its sharded layout (no full copy on any one device).

@@ -32,13 +32,15 @@ from dit_jax.checkpoint import Checkpoints, write_run_config
 from dit_jax.data import make_batches
 from dit_jax.data.captions import CaptionedShapes, TextLatentSource, WordTokenizer, prompt_check
 from dit_jax.diffusion import training_losses
+from dit_jax.models.pixart import PixArt
 from dit_jax.models.text import TextModelConfig, TextToImage, split_text_model
+from dit_jax.port.pixart import load_pixart
 from dit_jax.sampling import make_grid, save_png
-from dit_jax.sharding import (batch_sharding, host_batch_rows, make_mesh, replicated, shard_batch,
-                              state_shardings)
+from dit_jax.sharding import (batch_sharding, host_batch_rows, make_mesh, place, replicated,
+                              shard_batch, state_shardings)
 from dit_jax.text_sampling import sample_prompts, save_tokenizer, text_model_buffers
-from dit_jax.train.logging import MetricWriter, Progress
-from dit_jax.train.state import TrainState, _DTYPES, ema_update, make_optimizer
+from dit_jax.train.logging import MetricWriter, Progress, read_log
+from dit_jax.train.state import TrainState, _DTYPES, check_init_params, ema_update, make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -46,18 +48,32 @@ log = logging.getLogger(__name__)
 def text_source(config):
     """(captioned source, tokenizer) of a text run: the built-in captioned shapes with a word
     tokenizer (for the jointly trained encoder), or a latents folder with extracted text
-    embeddings (tokenizer None: the batches carry the embeddings)."""
+    embeddings (tokenizer None: the batches carry the embeddings).
+
+    For a latents folder, `config` (the run's resolved copy) is completed from its
+    text_manifest.json: text.max_length and text.caption_channels when 0 (else they must agree),
+    and text.t5, the frozen encoder that computed the embeddings, when empty: config.json then
+    records it, and `sample.py --prompt` encodes prompts with the same T5 and tokenizer."""
     d = config.data
     if d.source == "latents":
         if config.text.encoder != "none":
             raise ValueError("data.source='latents' holds a frozen encoder's text embeddings: set "
                              "text.encoder='none'")
+        if config.vae == "none":
+            raise ValueError(f"data.source='latents' holds VAE latents: set --config.vae to the VAE "
+                             f"they were extracted with (the 'vae' of {d.path}/manifest.json)")
         source = TextLatentSource(d.path, image_size=d.image_size)
-        for key, value in (("max_length", source.max_length),
-                           ("caption_channels", source.caption_channels)):
-            if int(config.text[key]) != value:
-                raise ValueError(f"the text embeddings in {d.path} have {key}={value}, but "
-                                 f"text.{key}={config.text[key]}: set --config.text.{key}={value}")
+        with config.unlocked():
+            for key, value in (("max_length", source.max_length),
+                               ("caption_channels", source.caption_channels)):
+                if int(config.text[key]) == 0:  # "as the data says"
+                    config.text[key] = value
+                elif int(config.text[key]) != value:
+                    raise ValueError(f"the text embeddings in {d.path} have {key}={value}, but "
+                                     f"text.{key}={config.text[key]}: set "
+                                     f"--config.text.{key}={value} (or 0: from the data)")
+            if not config.text.get("t5"):
+                config.text.t5 = str(source.text_manifest.get("encoder") or "")
         return source, None
     if d.source != "builtin":
         raise ValueError(f"model.condition='text' trains on data.source='builtin' (the captioned "
@@ -70,25 +86,102 @@ def text_source(config):
     return source, WordTokenizer(source.vocabulary(), max_length=int(config.text.max_length))
 
 
-def text_model_config(config, tokenizer: WordTokenizer, in_channels: int, input_size: int
-                      ) -> TextModelConfig:
+def text_model_config(config, tokenizer: WordTokenizer, in_channels: int, input_size: int,
+                      *, pixart: PixArt | None = None, latent_scale: int = 1) -> TextModelConfig:
+    """The TextModelConfig of a run: from model.* and text.*, or, fine-tuning a PixArt-α
+    (`pixart`, loaded from init_from), from the weights, checked against the data."""
     m, t = config.model, config.text
+    if m.dtype not in _DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {m.dtype!r}")
+    common = dict(max_length=int(t.max_length), caption_dropout=float(t.caption_dropout),
+                  dtype=_DTYPES[m.dtype], latent_scale=int(latent_scale),
+                  attention_impl="xla" if m.attention_impl == "auto" else m.attention_impl)
+    if pixart is not None:
+        return TextModelConfig(**pixart_fields(config, pixart, in_channels, input_size,
+                                               latent_scale), **common)
     if m.name:
         raise ValueError("model.condition='text' builds its size from model.hidden_size, depth, "
                          "num_heads and patch_size: set model.name=''")
-    if m.dtype not in _DTYPES:
-        raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {m.dtype!r}")
+    unset = [k for k in ("hidden_size", "depth", "num_heads", "patch_size") if m.get(k) is None]
+    if unset:
+        raise ValueError(f"model.{unset[0]} is not set: set --config.model.{unset[0]} (and "
+                         f"{', '.join(unset[1:]) or 'the rest of the size'}), or "
+                         f"--config.init_from=PIXART to fine-tune PixArt-α (its weights decide)")
     return TextModelConfig(
         input_size=input_size, in_channels=in_channels, hidden_size=int(m.hidden_size),
         depth=int(m.depth), num_heads=int(m.num_heads), patch_size=int(m.patch_size),
         learn_sigma=bool(m.learn_sigma), caption_channels=int(t.caption_channels),
-        max_length=int(t.max_length), caption_dropout=float(t.caption_dropout),
         encoder=t.encoder, vocab_size=tokenizer.vocab_size if t.encoder == "t5" else 0,
         encoder_layers=int(t.encoder_layers), encoder_heads=int(t.encoder_heads),
         encoder_head_dim=int(t.encoder_head_dim), encoder_ff=int(t.encoder_ff),
-        pooled_text=bool(t.get("pooled_text", False)),
-        dtype=_DTYPES[m.dtype], attention_impl="xla" if m.attention_impl == "auto"
-        else m.attention_impl)
+        pooled_text=bool(t.get("pooled_text", False)), **common)
+
+
+def pixart_fields(config, pixart: PixArt, in_channels: int, input_size: int,
+                  latent_scale: int) -> dict[str, Any]:
+    """The model fields of a run fine-tuning `pixart` (init_from): its depth, width, heads,
+    patch, learned sigma, caption width, micro-conditions and position scale. The data must be
+    what it reads (latent channels, latent size, caption width, and the null caption's length
+    for an original checkpoint that has one); model.* values set in the config must agree."""
+    p, spec, d = pixart.config, config.init_from, config.data
+    if config.text.encoder != "none" or d.source != "latents":
+        raise ValueError(f"init_from {spec!r} is a PixArt-α: it fine-tunes on a frozen T5's "
+                         f"embeddings: set text.encoder='none' and data.source='latents' "
+                         f"(python -m dit_jax.extract_latents --captions)")
+    if config.text.get("pooled_text", False):
+        raise ValueError("PixArt-α has no pooled-text path: set text.pooled_text=False to "
+                         "fine-tune it")
+    if p.mlp_ratio != 4:
+        raise ValueError(f"init_from {spec!r} has mlp_ratio {p.mlp_ratio}; text runs build "
+                         f"PixArt-α's 4")
+    for key, theirs in (("hidden_size", p.hidden_size), ("depth", p.depth),
+                        ("num_heads", p.num_heads), ("patch_size", p.patch_size)):
+        ours = config.model.get(key)
+        if ours is not None and int(ours) != theirs:
+            raise ValueError(f"init_from {spec!r} has model.{key}={theirs}, the config says "
+                             f"{ours}: leave --config.model.{key} unset (the weights decide)")
+    if in_channels != p.in_channels:
+        raise ValueError(f"init_from {spec!r} reads {p.in_channels}-channel latents, the latents "
+                         f"in {d.path} have {in_channels}: extract them with the model's VAE")
+    if input_size != p.input_size:
+        raise ValueError(f"init_from {spec!r} was trained on {p.input_size}×{p.input_size} "
+                         f"latents ({p.input_size * latent_scale} px), the latents in {d.path} "
+                         f"are {input_size}×{input_size} ({input_size * latent_scale} px): extract "
+                         f"them with "
+                         f"--image-size={p.input_size * latent_scale}")
+    if int(config.text.caption_channels) != p.caption_channels:
+        raise ValueError(f"init_from {spec!r} reads text embeddings of width "
+                         f"{p.caption_channels}, those in {d.path} have "
+                         f"{config.text.caption_channels}: extract them with the T5 the model "
+                         f"was trained with")
+    if p.model_max_length and int(config.text.max_length) != p.model_max_length:
+        raise ValueError(f"init_from {spec!r} has a {p.model_max_length}-token null caption, the "
+                         f"text embeddings in {d.path} have {config.text.max_length} tokens: "
+                         f"extract them with --max-text-length={p.model_max_length}")
+    return dict(input_size=p.input_size, in_channels=p.in_channels, hidden_size=p.hidden_size,
+                depth=p.depth, num_heads=p.num_heads, patch_size=p.patch_size,
+                learn_sigma=p.learn_sigma, caption_channels=p.caption_channels, encoder="none",
+                micro_conditions=bool(p.micro_conditions),
+                interpolation_scale=float(p.interpolation_scale))
+
+
+def load_init_pixart(config) -> PixArt | None:
+    """The PixArt-α transformer `init_from` names (anything `dit_jax.port.load_pixart` reads:
+    a diffusers folder or pipeline, a hub id, an original .pth), or None to start from random
+    weights."""
+    spec = config.get("init_from") or ""
+    return load_pixart(spec) if spec else None
+
+
+def pixart_init_params(config, pixart: PixArt, model_cfg: TextModelConfig) -> nnx.State:
+    """The initial weights of a fine-tuning run: exactly `pixart`'s, as the TextToImage's `dit`
+    (checked by name and shape as every init_from is)."""
+    _, abstract, _ = split_text_model(model_cfg)
+    weights = {"dit": nnx.to_pure_dict(nnx.state(pixart, nnx.Param))}
+    check_init_params(config.init_from, weights, nnx.to_pure_dict(abstract))
+    params = jax.tree.map(lambda a: a, abstract)
+    nnx.replace_by_pure_dict(params, weights)
+    return params
 
 
 class CaptionBatches:
@@ -173,7 +266,9 @@ def train_text(config, workdir: str | os.PathLike, make_objective: Callable) -> 
                          "optim.accum_steps=1")
     source, tokenizer = text_source(config)
     side, _, channels = source.element_shape
-    model_cfg = text_model_config(config, tokenizer, channels, side)
+    pixart = load_init_pixart(config)
+    model_cfg = text_model_config(config, tokenizer, channels, side, pixart=pixart,
+                                  latent_scale=int(config.data.image_size) // side)
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     total_steps, global_batch = int(config.total_steps), int(config.global_batch_size)
     with jax.set_mesh(mesh):
@@ -192,6 +287,11 @@ def train_text(config, workdir: str | os.PathLike, make_objective: Callable) -> 
         restored = checkpoints.restore(abstract, shardings)
         if restored is not None:
             state, data_state = restored
+        elif pixart is not None:  # fine-tuning: the loaded weights exactly, the EMA a copy
+            params = place(pixart_init_params(config, pixart, model_cfg), shardings.params)
+            key = jax.random.fold_in(jax.random.key(int(config.seed)), 1)
+            state = jax.jit(lambda p: _new_state(p, tx, key), out_shardings=shardings)(params)
+            data_state = None
         else:
             root = jax.random.key(int(config.seed))
 
@@ -199,7 +299,12 @@ def train_text(config, workdir: str | os.PathLike, make_objective: Callable) -> 
                 model = TextToImage(model_cfg, rngs=nnx.Rngs(jax.random.fold_in(key, 0)))
                 return _new_state(nnx.state(model, nnx.Param), tx, jax.random.fold_in(key, 1))
             state, data_state = jax.jit(init, out_shardings=shardings)(root), None
+        del pixart  # its weights are in the state now
         start = int(jax.device_get(state.step))
+        if start >= total_steps:  # a finished run: nothing to compile or load
+            checkpoints.close()
+            return {"step": start, "start": start, "status": "complete",
+                    "metrics": next((r for r in reversed(read_log(workdir)) if "loss" in r), {})}
         batches = CaptionBatches(make_batches(source, global_batch_size=global_batch,
                                               seed=int(config.seed),
                                               host_rows=host_batch_rows(mesh, global_batch)),
@@ -277,5 +382,5 @@ def sample_grid(workdir: Path, step: int, graphdef, ema, buffers, tokenizer, pro
     return out
 
 
-__all__ = ["CaptionBatches", "make_text_train_step", "sample_grid", "text_model_config",
-           "text_source", "train_text"]
+__all__ = ["CaptionBatches", "load_init_pixart", "make_text_train_step", "pixart_fields",
+           "pixart_init_params", "sample_grid", "text_model_config", "text_source", "train_text"]
