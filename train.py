@@ -10,6 +10,10 @@
     python train.py --config=configs/demo.py --workdir=runs/demo
     # then sample from the run (its own settings: VAE, image size, schedule, class names)
     python sample.py --ckpt=runs/demo --labels=circle,square
+    # fine-tune PixArt-α on captioned latents (extract_latents --captions; docs/pixart.md)
+    python train.py --config=configs/pixart_finetune.py --workdir=runs/pixart_ft \\
+        --config.data.path=LATENTS --config.init_from=PixArt-alpha/PixArt-XL-2-512x512
+    python sample.py --ckpt=runs/pixart_ft --prompt="a lighthouse at dusk"
 
 Running the same command again with the same workdir resumes from its newest checkpoint; a
 finished run says so and exits. On several hosts, run the same command on every host (see

@@ -22,7 +22,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_every = 0  # ... plus every Kth step forever (0: none)
     c.async_checkpointing = True  # write checkpoints in the background while training goes on
     # Fine-tuning: initial weights from anything dit_jax.port.load_any reads (an official .pt,
-    # a diffusers folder or hub id, a dit_jax model checkpoint, a train.py workdir's EMA).
+    # a diffusers folder or hub id, a dit_jax model checkpoint, a train.py workdir's EMA); for
+    # model.condition="text", a PixArt-α that dit_jax.port.load_pixart reads
+    # (configs/pixart_finetune.py).
     c.init_from = ""
     c.peak_tflops = 0.0  # per-device peak for MFU; 0: from the table in dit_jax.flops
 

@@ -47,7 +47,8 @@ from dit_jax.data.folder import LAYOUTS, ImageFolderSource, class_folders_for
 from dit_jax.data.latents import (FORMAT, MANIFEST, MANIFEST_STORED, labels_file, moments_file)
 from dit_jax.data.pipeline import ensure_absl_flags_parsed
 from dit_jax.distributed import initialize_distributed, wait_for_every_host
-from dit_jax.extract_text import extract_text, t5_text_encoder
+from dit_jax.extract_text import extract_text
+from dit_jax.port.t5 import t5_text_encoder
 from dit_jax.port.paths import missing_path_message
 from dit_jax.port.vae import load_vae
 from dit_jax.sharding import batch_sharding, make_mesh, replicated, shard_batch

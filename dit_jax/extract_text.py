@@ -22,7 +22,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -32,8 +32,8 @@ from dit_jax.data.captions import (TEXT_FORMAT, TEXT_MANIFEST, read_captions, te
 from dit_jax.data.folder import scan_folder
 from dit_jax.data.latents import read_manifest
 from dit_jax.distributed import wait_for_every_host
-from dit_jax.port.t5 import encoder_fn, load_t5_encoder, load_t5_tokenizer
-from dit_jax.sharding import make_mesh
+# The frozen encoder of the extraction; sampling a run on these embeddings uses it too.
+from dit_jax.port.t5 import t5_text_encoder
 
 log = logging.getLogger(__name__)
 
@@ -102,21 +102,6 @@ def extract_text(data: str | os.PathLike, out: str | os.PathLike, encode: Callab
     if p == 0:
         _atomic(out / TEXT_MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
     return manifest
-
-
-def t5_text_encoder(src: str, *, max_length: int = 120) -> Callable:
-    """`encode(captions) -> (embeddings, mask)` of a T5 encoder folder (transformers format, with
-    its tokenizer files) or hub id (`dit_jax.port.t5`), sharded over every local device
-    (float32: the embeddings are stored once and trained on many times)."""
-    mesh = make_mesh(data=1, fsdp=-1, devices=jax.local_devices())
-    encode = encoder_fn(load_t5_encoder(src, mesh=mesh), mesh)
-    tokenizer = load_t5_tokenizer(src, max_length=max_length)
-
-    def run(captions: Sequence[str]):
-        ids, mask = tokenizer(list(captions))
-        return np.asarray(encode(ids, mask)), mask
-
-    return run
 
 
 __all__ = ["extract_text", "t5_text_encoder"]

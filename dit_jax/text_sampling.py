@@ -29,9 +29,9 @@ from dit_jax.checkpoint.model import CONFIG_FILE, config_from_dict
 from dit_jax.checkpoint.workdir import RUN_CONFIG_FILE, Checkpoints
 from dit_jax.data.captions import WordTokenizer
 from dit_jax.models.text import TextModelConfig, TextToImage, split_text_model
-from dit_jax.samplers import sample_loop
-from dit_jax.extract_text import t5_text_encoder
 from dit_jax.port.paths import looks_like_hub_id
+from dit_jax.port.t5 import t5_text_encoder
+from dit_jax.samplers import sample_loop
 from dit_jax.sampling import (PROMPTS_FILE, Decoder, check_out_dir, clip_denoised_fn,
                               diffusion_for, load_vae_decoder, make_grid, save_png, to_uint8)
 from dit_jax.sharding import abstract_with_shardings, make_mesh, state_shardings

@@ -274,6 +274,50 @@ def test_text_extraction_aligns_with_latents_and_resumes(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
+# Sampling a run trained on a frozen T5's embeddings
+
+
+def frozen_t5_workdir(root, t5):
+    """The files of a text run on extracted embeddings that load_text_run reads before any
+    weights: model_config.json (encoder "none") and config.json recording text.t5."""
+    from dit_jax.checkpoint.model import config_to_dict
+
+    root.mkdir(parents=True)
+    cfg = tiny_config(encoder="none", vocab_size=0, in_channels=4)
+    (root / "model_config.json").write_text(json.dumps(config_to_dict(cfg)))
+    (root / "config.json").write_text(json.dumps({"text": {"t5": t5}, "vae": "none"}))
+    return root
+
+
+def test_frozen_t5_run_without_its_encoder_is_a_one_line_error_naming_t5(tmp_path):
+    """sample.py --prompt on a frozen-T5 run: no recorded encoder, a recorded one that is gone,
+    and a --t5 that does not exist each fail before any weights are read, in one line that names
+    --t5; an --out holding someone else's files is refused before anything is loaded."""
+    from dit_jax.text_sampling import load_text_run, sample_text_run
+
+    cases = [(frozen_t5_workdir(tmp_path / "none", ""), None, r"names no encoder \(text.t5\)"),
+             (frozen_t5_workdir(tmp_path / "gone", str(tmp_path / "t5_gone")), None,
+              "t5_gone' \\(text.t5 in .*config.json\\) does not exist"),
+             (frozen_t5_workdir(tmp_path / "flag", str(tmp_path / "t5_gone")),
+              str(tmp_path / "other_t5"), "other_t5' \\(--t5\\) does not exist")]
+    for workdir, t5, message in cases:
+        with pytest.raises(FileNotFoundError, match=message) as err:
+            load_text_run(workdir, t5=t5)
+        assert "pass --t5=SRC" in str(err.value) and "\n" not in str(err.value)
+    # A folder that exists but holds no T5.
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="cannot be loaded .*pass --t5=SRC") as err:
+        load_text_run(cases[0][0], t5=str(tmp_path / "empty"))
+    assert "\n" not in str(err.value)
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("not sample.py's")
+    with pytest.raises(ValueError, match="holds files sample.py did not write"):
+        sample_text_run(cases[0][0], ["a red circle"], out=out)
+
+
+# --------------------------------------------------------------------------------------------
 # Training
 
 

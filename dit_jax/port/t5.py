@@ -440,3 +440,20 @@ def load_t5_tokenizer(src, *, max_length: int = PIXART_MAX_LENGTH) -> T5Tokenize
         path = folder / "spiece.model"
         encode, eos, pad = _from_spiece(path, special)
     return T5Tokenizer(encode, eos_id=eos, pad_id=pad, max_length=max_length, source=str(path))
+
+
+def t5_text_encoder(src: str, *, max_length: int = 120) -> Callable:
+    """`encode(captions) -> (embeddings, mask)` of a T5 encoder folder (transformers format, with
+    its tokenizer files) or hub id, sharded over every local device, in float32: the encoder of
+    `extract_latents --captions` (the embeddings are stored once and trained on many times), and
+    of the prompts of a run trained on them (`dit_jax.text_sampling`), so both see the same
+    tokens. Captions are tokenized as given (no lower-casing or cleaning)."""
+    mesh = sharding.make_mesh(data=1, fsdp=-1, devices=jax.local_devices())
+    encode = encoder_fn(load_t5_encoder(src, mesh=mesh), mesh)
+    tokenizer = load_t5_tokenizer(src, max_length=max_length)
+
+    def run(captions: Sequence[str]):
+        ids, mask = tokenizer(list(captions))
+        return np.asarray(encode(ids, mask)), mask
+
+    return run

@@ -10,7 +10,12 @@ What differs from the class-conditional run:
 - caption dropout replaces a caption by the fixed null caption at rate `text.caption_dropout`
   (drawn for the whole batch, after the encoder, inside the step);
 - the sample grids draw `text.prompts` (guided against the null caption, or against
-  `text.negative_prompt`) and, on the built-in data, score how well they follow their prompts.
+  `text.negative_prompt`) and, on the built-in data, score how well they follow their prompts;
+- `init_from` names a PixArt-α to fine-tune (anything `dit_jax.port.load_pixart` reads,
+  configs/pixart_finetune.py): the model's size comes from its weights, checked against the
+  data, and the run starts from them exactly;
+- a run on extracted embeddings records the T5 that computed them (`text.t5`, from the
+  latents' text manifest) in its config.json, for `sample.py --prompt`.
 
 Checkpoints, resuming, the optimiser, EMA and logging are those of the class-conditional loop.
 """
@@ -256,8 +261,9 @@ def _new_state(params, tx, key) -> TrainState:
 
 def train_text(config, workdir: str | os.PathLike, make_objective: Callable) -> dict[str, Any]:
     """Train (or resume) the text run of `config` in `workdir`; `make_objective(config,
-    model_cfg)` is the run's diffusion (the class-conditional loop's). Returns {"step", "status",
-    "metrics"} as `dit_jax.train.loop.train` does."""
+    model_cfg)` is the run's diffusion (the class-conditional loop's). Returns {"step", "start",
+    "status" ("completed", or "complete" when the workdir had finished before), "metrics"} as
+    `dit_jax.train.loop.train` does."""
     workdir = Path(workdir).absolute()
     if config.objective != "diffusion":
         raise ValueError("model.condition='text' trains with objective='diffusion'")
