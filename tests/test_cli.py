@@ -44,6 +44,29 @@ def test_progress_writes_plain_lines_off_a_terminal(capsys):
     assert "\r" not in out.out + out.err  # no bar
 
 
+def run_command(script, argv, times=1):
+    """A command line in-process, `times` times (the flags parsed once: ml_collections defines
+    the --config.* overrides at the first parse); its stdout of each run."""
+    saved = sys.argv
+    sys.argv = argv  # ml_collections reads the --config.* overrides from sys.argv
+    outputs = []
+    try:
+        flags.FLAGS.unparse_flags()
+        # Another config file parsed earlier in this process defined its own override flags:
+        # they would clash with this one's.
+        for name in [name for name in flags.FLAGS if name.startswith("config.")]:
+            delattr(flags.FLAGS, name)
+        cli.parse_flags(argv)
+        for _ in range(times):
+            buffer = io.StringIO()
+            with contextlib.redirect_stdout(buffer):
+                script.main([])
+            outputs.append(buffer.getvalue())
+    finally:
+        sys.argv = saved
+    return outputs
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """train.py in-process (stdout is not a terminal under pytest): a tiny 2-step run with a sample
@@ -53,18 +76,7 @@ def run(tmp_path_factory):
             "--config.total_steps=2", "--config.checkpoint_every=2", "--config.sample_every=2",
             "--config.sample.num_images=4", "--config.sample.steps=2"]
     argv = [argv[0], *[a.replace("configs/", f"{ROOT}/configs/") for a in argv[1:]]]
-    outputs, saved = [], sys.argv
-    sys.argv = argv  # ml_collections reads the --config.* overrides from sys.argv
-    try:
-        flags.FLAGS.unparse_flags()
-        cli.parse_flags(argv)  # once: the parse defines the override flags
-        for _ in range(2):
-            buffer = io.StringIO()
-            with contextlib.redirect_stdout(buffer):
-                train_script.main([])
-            outputs.append(buffer.getvalue())
-    finally:
-        sys.argv = saved
+    outputs = run_command(train_script, argv, times=2)
     return workdir, outputs
 
 

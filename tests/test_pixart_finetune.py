@@ -3,16 +3,12 @@ random models: a captioned image folder → `extract_latents --captions` (a tiny
 tiny transformers T5) → train.py from a tiny diffusers PixArtTransformer2DModel (the initial
 weights give diffusers' outputs) → sample.py --prompt, whose T5 comes from the run's record."""
 
-import contextlib
-import io
 import json
-import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-from absl import flags
 from flax import nnx
 from PIL import Image
 
@@ -24,7 +20,6 @@ pytest.importorskip("sentencepiece")
 import sample as sample_script  # noqa: E402
 import train as train_script  # noqa: E402
 from configs.pixart_finetune import get_config  # noqa: E402
-from dit_jax import cli  # noqa: E402
 from dit_jax.data.folder import scan_folder  # noqa: E402
 from dit_jax.extract_latents import main as extract_main  # noqa: E402
 from dit_jax.models.text import TextToImage  # noqa: E402
@@ -34,6 +29,7 @@ from dit_jax.train.text import (load_init_pixart, pixart_init_params, text_model
                                 text_source)
 from imagedata import make_image_folder  # noqa: E402
 from references import perturb_torch  # noqa: E402
+from test_cli import run_command  # noqa: E402
 from test_extract_latents import write_vae_folder  # noqa: E402
 from test_text import t5_folder  # noqa: E402
 
@@ -148,25 +144,6 @@ def test_pixart_mismatches_with_the_data_are_one_line_errors(setup):
     sized.model.depth = 5
     with pytest.raises(ValueError, match="init_from .* has model.depth=2, the config says 5"):
         text_model_config(sized, None, 4, 4, pixart=pixart, latent_scale=8)
-
-
-def run_command(script, argv, times=1):
-    """A command line in-process, `times` times (the flags parsed once: ml_collections defines
-    the --config.* overrides at the first parse); its stdout of each run."""
-    saved = sys.argv
-    sys.argv = argv  # ml_collections reads the --config.* overrides from sys.argv
-    outputs = []
-    try:
-        flags.FLAGS.unparse_flags()
-        cli.parse_flags(argv)
-        for _ in range(times):
-            buffer = io.StringIO()
-            with contextlib.redirect_stdout(buffer):
-                script.main([])
-            outputs.append(buffer.getvalue())
-    finally:
-        sys.argv = saved
-    return outputs
 
 
 def test_train_py_fine_tunes_then_sample_py_draws_prompts(setup):
