@@ -24,6 +24,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Fine-tuning: initial weights from anything dit_jax.port.load_any reads (an official .pt,
     # a diffusers folder or hub id, a dit_jax model checkpoint, a train.py workdir's EMA).
     c.init_from = ""
+    # A CPU-only machine as one single-threaded JAX device per core (-1), N devices, or JAX's one
+    # multi-threaded device (0); no effect on GPUs and TPUs (dit_jax.distributed.split_cpu).
+    c.cpu_devices = 0
     c.peak_tflops = 0.0  # per-device peak for MFU; 0: from the table in dit_jax.flops
 
     c.model = ml_collections.ConfigDict()

@@ -28,6 +28,7 @@ from configs import demo
 from dit_jax.checkpoint import Checkpoints, ResumeMismatchError
 from dit_jax.data import BuiltinShapes, classify_image, shape_accuracy, shape_score
 from dit_jax.diffusion import create_diffusion
+from dit_jax.distributed import split_cpu
 from dit_jax.models.dit import DiTConfig, split_model
 from dit_jax.sharding import (batch_sharding, host_batch_rows, make_mesh, model_buffers,
                               state_shardings)
@@ -630,6 +631,28 @@ def test_killed_and_preempted_runs_resume_exactly(tmp_path):
     for name in ("killed", "preempted"):
         got = [(r["step"], r["loss"], r["grad_norm"]) for r in read_log(tmp_path / name)]
         assert got == want, name  # bitwise: same data order, same RNG, same program
+
+
+def test_cpu_devices_split_a_cpu_into_single_threaded_devices(tmp_path):
+    # configs/demo.py asks for one JAX device per core (cpu_devices=-1), as many as divide the
+    # batch; a count forced in XLA_FLAGS (this suite's 8) is left alone.
+    cores = len(os.sched_getaffinity(0))
+    want = max(n for n in range(1, cores + 1) if 16 % n == 0)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run(train_cmd(tmp_path / "split", *TINY_FLAGS, "--config.total_steps=2",
+                                    "--config.sample_every=0", "--config.cpu_devices=-1"),
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"{want} of {want} devices" in proc.stderr, proc.stderr[-2000:]
+    assert [r["step"] for r in read_log(tmp_path / "split")] == [1, 2]
+    assert split_cpu(2, 16) == 0  # XLA_FLAGS forces 8 here: left alone
+    saved = os.environ.pop("XLA_FLAGS")
+    try:
+        with pytest.raises(ValueError, match="cpu_devices must be"):
+            split_cpu(-2, 16)  # raises before it touches JAX's configuration
+    finally:
+        os.environ["XLA_FLAGS"] = saved
 
 
 # The demo shortened for CI: 900 steps instead of 4800, the same recipe (x0-prediction on the
