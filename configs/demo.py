@@ -17,11 +17,11 @@ The recipe is what docs/small_data.md measured to draw the cleanest shapes in th
 width 128; the model's x0 errors weighed by min(SNR + 1, 10) (diffusion.snr_plus_one_cap),
 which makes the low-noise steps, where a sample's edges are drawn, count up to 10 times more;
 6000 steps with EMA 0.995; one single-threaded JAX device per CPU core (cpu_devices=-1), which
-trains 1.6x faster than JAX's one multi-threaded device on 2 cores. About 8.5 minutes on 2
+trains 1.6x faster than JAX's one multi-threaded device on 2 cores. 8.5 to 10 minutes on 2
 cores. Guidance is applied only at timesteps 300..999: guiding the last, low-noise steps too
 turns the model's small errors into speckle. Every sample shows the requested shape on a
-clean background; about 8 in 10 also pass the strict shape_score (measured: 0.84 of 64 grid
-samples, 0.77-0.78 of 256 drawn with sample.py); what still fails is a notch or bump on an
+clean background; about 8 in 10 also pass the strict shape_score (measured: 0.81 of its 16-sample
+grid, 0.805 of 256 drawn with sample.py); what still fails is a notch or bump on an
 edge, mostly where two 4x4 patches meet. To draw more samples like the grids
 (sample.py takes the guidance interval, like the run's other settings, from the workdir):
 

@@ -46,7 +46,7 @@ def split_cpu(devices: int, global_batch_size: int) -> int:
     """Run this CPU-only process as `devices` single-threaded JAX devices instead of JAX's one
     multi-threaded device, so that the mesh's data axis spreads each batch over the cores: for a
     small model, XLA's threading inside each operation uses a second core poorly, and one device
-    per core trains about 1.7x faster on 2 cores (docs/small_data.md). Returns the device count
+    per core trains 1.4-1.6x faster on 2 cores (docs/small_data.md). Returns the device count
     set, or 0 when left to JAX.
 
     devices: 0 leaves JAX's default; N > 0 asks for N; -1 for one per core this process may use,
