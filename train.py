@@ -33,7 +33,7 @@ from ml_collections import config_flags
 
 from dit_jax import cli
 from dit_jax.checkpoint.workdir import CHECKPOINT_DIR
-from dit_jax.distributed import initialize_distributed
+from dit_jax.distributed import initialize_distributed, split_cpu
 from dit_jax.train.logging import LOG_FILE, TENSORBOARD_DIR
 from dit_jax.train.loop import PREEMPTED_EXIT_CODE, SAMPLES_DIR, SETUP_ERRORS, train
 
@@ -77,8 +77,11 @@ def main(argv):
         if FLAGS[name].value is None:
             raise app.UsageError(f"--{name} is required, e.g. python train.py "
                                  f"--config=configs/demo.py --workdir=runs/demo (--help: examples)")
-    initialize_distributed(FLAGS.distributed, coordinator_address=FLAGS.coordinator_address,
-                           num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    several = initialize_distributed(
+        FLAGS.distributed, coordinator_address=FLAGS.coordinator_address,
+        num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    if not several:
+        split_cpu(int(FLAGS.config.get("cpu_devices", 0)), int(FLAGS.config.global_batch_size))
     try:
         result = train(FLAGS.config, FLAGS.workdir)
     except SETUP_ERRORS as err:  # the run cannot start as asked: one line, status 2

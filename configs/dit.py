@@ -26,6 +26,9 @@ def base_config() -> ml_collections.ConfigDict:
     # model.condition="text", a PixArt-α that dit_jax.port.load_pixart reads
     # (configs/pixart_finetune.py).
     c.init_from = ""
+    # A CPU-only machine as one single-threaded JAX device per core (-1), N devices, or JAX's one
+    # multi-threaded device (0); no effect on GPUs and TPUs (dit_jax.distributed.split_cpu).
+    c.cpu_devices = 0
     c.peak_tflops = 0.0  # per-device peak for MFU; 0: from the table in dit_jax.flops
 
     c.model = ml_collections.ConfigDict()

@@ -295,6 +295,37 @@ def test_start_x_loss_space_is_the_mse_of_the_implied_x0(prediction):
         D.create_diffusion("", loss_space="start_x", min_snr_gamma=5.0)
 
 
+@pytest.mark.parametrize("prediction", ["epsilon", "start_x", "velocity"])
+def test_snr_plus_one_cap_weighs_the_implied_x0_error(prediction):
+    # Not official (off by default): the loss is min(SNR + 1, cap) × the MSE of the x̂0 the model
+    # implies, from the float64 equations x_t = a·x0 + b·ε, SNR = a²/b², x̂0 = (x_t - b·ε̂)/a
+    # (ε model), x̂0 = a·x_t - b·v̂ (v model).
+    cap = 10.0
+    weighted = D.create_diffusion("", learn_sigma=False, prediction=prediction,
+                                  noise_schedule="squaredcos_cap_v2", snr_plus_one_cap=cap)
+    abar = np.cumprod(1 - D.get_named_beta_schedule("squaredcos_cap_v2", 1000))
+    t = np.array([0, 30, 150, 200, 400, 999])  # capped at 0 and 30, not from 200 on
+    x0, noise, out = _loss_inputs(len(t), seed=6)
+    out = out[..., :4]
+    a = np.sqrt(abar[t])[:, None, None, None]
+    b = np.sqrt(1 - abar[t])[:, None, None, None]
+    x_t = a * x0 + b * noise
+    x0_hat = {"epsilon": (x_t - b * out) / a, "start_x": out,
+              "velocity": a * x_t - b * out}[prediction]
+    weight = np.minimum(abar[t] / (1 - abar[t]) + 1, cap)
+    assert weight[0] == weight[1] == cap and 1 < weight[3] < cap and weight[-1] < 1 + 1e-6
+    want = weight * ((x0_hat - x0) ** 2).mean(axis=(1, 2, 3))
+    got = D.training_losses(weighted, lambda x, s: jnp.asarray(out, jnp.float32),
+                            jnp.asarray(x0, jnp.float32), jnp.asarray(t),
+                            jnp.asarray(noise, jnp.float32))
+    np.testing.assert_allclose(got["mse"], want, rtol=2e-4)
+    np.testing.assert_array_equal(got["loss"], got["mse"])
+    with pytest.raises(ValueError, match="snr_plus_one_cap must be > 1"):
+        D.create_diffusion("", snr_plus_one_cap=0.5)
+    with pytest.raises(ValueError, match="min_snr_gamma and snr_plus_one_cap .* choose one"):
+        D.create_diffusion("", snr_plus_one_cap=5.0, min_snr_gamma=5.0)
+
+
 def test_vb_gradient_reaches_only_variance_channels():
     d = D.create_diffusion("")
     x0, noise, out = (jnp.asarray(a, jnp.float32) for a in _loss_inputs(4, seed=1))

@@ -28,6 +28,7 @@ from configs import demo
 from dit_jax.checkpoint import Checkpoints, ResumeMismatchError
 from dit_jax.data import BuiltinShapes, classify_image, shape_accuracy, shape_score
 from dit_jax.diffusion import create_diffusion
+from dit_jax.distributed import split_cpu
 from dit_jax.models.dit import DiTConfig, split_model
 from dit_jax.sharding import (batch_sharding, host_batch_rows, make_mesh, model_buffers,
                               state_shardings)
@@ -632,18 +633,39 @@ def test_killed_and_preempted_runs_resume_exactly(tmp_path):
         assert got == want, name  # bitwise: same data order, same RNG, same program
 
 
-# The demo shortened for CI: 900 steps instead of 4800, the same recipe (x0-prediction on the
-# cosine schedule, patch 4, grids guided only at timesteps 300..999). Its samples have the
-# requested colours and mostly the requested shapes, with rough edges (so shape_score, which
-# also judges the edges, is 0 at this length): the colour-blind shape accuracy measured 0.70
-# (guided at every step) and 0.625 (guided in 300..999; 149 s of CPU) at this length
-# (docs/small_data.md); chance is 0.25, and blobs of the right colour read as circles, 0.25 too.
+def test_cpu_devices_split_a_cpu_into_single_threaded_devices(tmp_path):
+    # configs/demo.py asks for one JAX device per core (cpu_devices=-1), as many as divide the
+    # batch; a count forced in XLA_FLAGS (this suite's 8) is left alone.
+    cores = len(os.sched_getaffinity(0))
+    want = max(n for n in range(1, cores + 1) if 16 % n == 0)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run(train_cmd(tmp_path / "split", *TINY_FLAGS, "--config.total_steps=2",
+                                    "--config.sample_every=0", "--config.cpu_devices=-1"),
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"{want} of {want} devices" in proc.stderr, proc.stderr[-2000:]
+    assert [r["step"] for r in read_log(tmp_path / "split")] == [1, 2]
+    assert split_cpu(2, 16) == 0  # XLA_FLAGS forces 8 here: left alone
+    saved = os.environ.pop("XLA_FLAGS")
+    try:
+        with pytest.raises(ValueError, match="cpu_devices must be"):
+            split_cpu(-2, 16)  # raises before it touches JAX's configuration
+    finally:
+        os.environ["XLA_FLAGS"] = saved
+
+
+# The demo shortened for CI: 900 steps instead of 6000, the same recipe (x0-prediction on the
+# cosine schedule, patch 4, width 128, low-noise steps weighed up to 10x, grids guided only at
+# timesteps 300..999), on one device. Its samples have the requested colours and mostly the
+# requested shapes, with rough edges (so shape_score, which also judges the edges, is ~0 at
+# this length); chance is 0.25, and blobs of the right colour read as circles, 0.25 too.
 SHORT_DEMO_FLAGS = ["--config.model.patch_size=4", "--config.diffusion.prediction=start_x",
                     "--config.diffusion.noise_schedule=squaredcos_cap_v2",
                     "--config.model.learn_sigma=False", "--config.total_steps=900",
                     "--config.sample_every=900", "--config.checkpoint_every=900",
                     "--config.log_every=100", "--config.sample.num_images=64",
-                    "--config.optim.ema_decay=0.99"]  # the horizon for 900 steps (demo: 4800)
+                    "--config.optim.ema_decay=0.99"]  # the horizon for 900 steps (demo: 6000)
 
 
 def test_shortened_demo_draws_the_requested_shapes(tmp_path):
@@ -668,7 +690,7 @@ DEMO_SHAPE_ACCURACY = 0.75
 def test_demo_learns_and_draws_the_requested_classes(tmp_path):
     """The README's main job: configs/demo.py on CPU, as is."""
     proc = subprocess.run(train_cmd(tmp_path / "demo"), cwd=ROOT, env=child_env(1),
-                          capture_output=True, text=True, timeout=1800)  # ~4.5 min when quiet
+                          capture_output=True, text=True, timeout=1800)  # one device: ~13 min when quiet
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = read_log(tmp_path / "demo")
     config = demo.get_config()

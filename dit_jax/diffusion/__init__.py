@@ -34,6 +34,7 @@ from dit_jax.diffusion.gaussian import (
     q_posterior_mean_variance,
     q_sample,
     respace_betas,
+    snr_plus_one_weights,
     space_timesteps,
     target_weights,
     training_losses,
@@ -51,6 +52,7 @@ __all__ = [
     "get_named_beta_schedule", "jit_sampler", "linspace_timesteps", "logsnr_timesteps",
     "mean_flat", "min_snr_weights", "normal_kl", "output_mean_variance", "p_mean_variance",
     "p_sample", "p_sample_loop", "predict_eps_from_xstart", "predict_xstart_from_eps",
-    "q_posterior_mean_variance", "q_sample", "respace_betas", "space_timesteps",
+    "q_posterior_mean_variance", "q_sample", "respace_betas", "snr_plus_one_weights",
+    "space_timesteps",
     "target_weights", "training_losses", "velocity_target", "xstart_and_eps_from_velocity",
 ]

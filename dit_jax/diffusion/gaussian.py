@@ -179,7 +179,7 @@ class GaussianDiffusion:
     def __init__(self, betas, *, timestep_map=None, original_num_steps=None,
                  model_mean_type: str = "epsilon", model_var_type: str = "learned_range",
                  loss_type: str = "mse", min_snr_gamma: float = 0.0,
-                 loss_space: str = "target"):
+                 loss_space: str = "target", snr_plus_one_cap: float = 0.0):
         betas = np.array(betas, dtype=np.float64)
         if betas.ndim != 1 or not ((betas > 0).all() and (betas <= 1).all()):
             raise ValueError("betas must be 1-D and in (0, 1]")
@@ -196,12 +196,19 @@ class GaussianDiffusion:
             raise ValueError(f"min_snr_gamma must be >= 0 (0: off), got {min_snr_gamma}")
         if loss_space not in ("target", "start_x"):
             raise ValueError(f"loss_space must be 'target' or 'start_x', got {loss_space!r}")
-        if loss_space == "start_x" and min_snr_gamma:
-            raise ValueError("min_snr_gamma and loss_space='start_x' both set the x0-space "
-                             "weight of the MSE: choose one")
+        if snr_plus_one_cap and snr_plus_one_cap <= 1:
+            raise ValueError(f"snr_plus_one_cap must be > 1 (0: off), got {snr_plus_one_cap}")
+        weightings = [name for name, on in (("min_snr_gamma", min_snr_gamma),
+                                            ("snr_plus_one_cap", snr_plus_one_cap),
+                                            ("loss_space='start_x'", loss_space == "start_x"))
+                      if on]
+        if len(weightings) > 1:
+            raise ValueError(f"{' and '.join(weightings)} each set the x0-space weight of the "
+                             f"MSE: choose one")
         self.loss_space = loss_space
         self.model_mean_type = model_mean_type
         self.min_snr_gamma = float(min_snr_gamma)
+        self.snr_plus_one_cap = float(snr_plus_one_cap)
         self.model_var_type = model_var_type
         self.loss_type = loss_type
         self.num_timesteps = n = len(betas)
@@ -245,6 +252,9 @@ class GaussianDiffusion:
         if self.min_snr_gamma:
             f32["mse_weight"] = min_snr_weights(self.alphas_cumprod, self.min_snr_gamma,
                                                 model_mean_type).astype(np.float32)
+        elif self.snr_plus_one_cap:
+            f32["mse_weight"] = snr_plus_one_weights(self.alphas_cumprod, self.snr_plus_one_cap,
+                                                     model_mean_type).astype(np.float32)
         elif loss_space == "start_x" and model_mean_type != "start_x":
             f32["mse_weight"] = target_weights(self.alphas_cumprod, 1.0,
                                                model_mean_type).astype(np.float32)
@@ -295,7 +305,8 @@ def create_diffusion(timestep_respacing="", noise_schedule: str = "linear", use_
                      sigma_small: bool = False, predict_xstart: bool = False,
                      learn_sigma: bool = True, rescale_learned_sigmas: bool = False,
                      diffusion_steps: int = 1000, prediction: str | None = None,
-                     min_snr_gamma: float = 0.0, loss_space: str = "target") -> GaussianDiffusion:
+                     min_snr_gamma: float = 0.0, loss_space: str = "target",
+                     snr_plus_one_cap: float = 0.0) -> GaussianDiffusion:
     """The official `create_diffusion`: DiT trains with `create_diffusion("")` (1000 steps,
     linear, ε prediction, learned-range variance, MSE + VB) and samples with
     `create_diffusion("250")`.
@@ -309,6 +320,8 @@ def create_diffusion(timestep_respacing="", noise_schedule: str = "linear", use_
     posterior variance β̃_t. prediction (not official): what the model predicts, "epsilon",
     "start_x" or "velocity"; None: as predict_xstart says (the official switch).
     min_snr_gamma (not official; 0: off): weigh each step's MSE by min-SNR-γ (`min_snr_weights`).
+    snr_plus_one_cap (not official; 0: off): weigh each step's x0 error by min(SNR + 1, cap)
+    (`snr_plus_one_weights`), the low-noise emphasis of docs/small_data.md.
     loss_space (not official): "target" (official), the MSE of what the model predicts; or
     "start_x", the MSE of the x̂0 it implies (`target_weights` with x0 weight 1): a v model then
     learns with the x0 model's weighting but keeps its skip path, x̂0 = sqrt(ᾱ)·x_t - sqrt(1-ᾱ)·v̂.
@@ -336,7 +349,8 @@ def create_diffusion(timestep_respacing="", noise_schedule: str = "linear", use_
         model_mean_type=prediction or ("start_x" if predict_xstart else "epsilon"),
         model_var_type=("learned_range" if learn_sigma
                         else "fixed_small" if sigma_small else "fixed_large"),
-        loss_type=loss_type, min_snr_gamma=min_snr_gamma, loss_space=loss_space)
+        loss_type=loss_type, min_snr_gamma=min_snr_gamma, loss_space=loss_space,
+        snr_plus_one_cap=snr_plus_one_cap)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -417,6 +431,17 @@ def min_snr_weights(alphas_cumprod: np.ndarray, gamma: float, model_mean_type: s
     the noise levels where the image's layout is decided."""
     abar = np.asarray(alphas_cumprod, np.float64)
     return target_weights(abar, np.minimum(abar / (1.0 - abar), gamma), model_mean_type)
+
+
+def snr_plus_one_weights(alphas_cumprod: np.ndarray, cap: float, model_mean_type: str
+                         ) -> np.ndarray:
+    """Loss weights, float64, one per step, that weigh the implied x̂0's squared error by
+    min(SNR + 1, cap): v-prediction's own x0-space weight (SNR + 1), truncated at `cap`. The
+    opposite of min-SNR: every step keeps at least the x0 model's weight 1, and the low-noise
+    steps, whose x0 errors are small but are what a sample's last steps draw its edges with,
+    count up to `cap` times more (docs/small_data.md)."""
+    abar = np.asarray(alphas_cumprod, np.float64)
+    return target_weights(abar, np.minimum(abar / (1.0 - abar) + 1.0, cap), model_mean_type)
 
 
 def target_weights(alphas_cumprod: np.ndarray, x0_weight, model_mean_type: str) -> np.ndarray:

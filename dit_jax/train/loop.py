@@ -523,7 +523,8 @@ def make_objective(config, model_cfg: DiTConfig):
                             prediction=config.diffusion.prediction,
                             min_snr_gamma=float(config.diffusion.min_snr_gamma),
                             # Not in configs/dit.py (the official recipe): configs/small.py sets it.
-                            loss_space=config.diffusion.get("loss_space", "target"))
+                            loss_space=config.diffusion.get("loss_space", "target"),
+                            snr_plus_one_cap=float(config.diffusion.get("snr_plus_one_cap", 0.0)))
 
 
 # --------------------------------------------------------------------------------------------
