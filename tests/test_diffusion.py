@@ -267,6 +267,16 @@ def test_min_snr_weighting_matches_float64_reference(prediction):
         D.create_diffusion("", min_snr_gamma=-1)
 
 
+def implied_x0(abar, x0, noise, out, prediction):
+    """float64: the x̂0 that a model output `out` implies at ᾱ = abar (one per row), from
+    x_t = a·x0 + b·ε, x̂0 = (x_t - b·ε̂)/a (ε model), x̂0 = a·x_t - b·v̂ (v model)."""
+    a = np.sqrt(abar)[:, None, None, None]
+    b = np.sqrt(1 - abar)[:, None, None, None]
+    x_t = a * x0 + b * noise
+    return {"epsilon": (x_t - b * out) / a, "start_x": out,
+            "velocity": a * x_t - b * out}[prediction]
+
+
 @pytest.mark.parametrize("prediction", ["epsilon", "start_x", "velocity"])
 def test_start_x_loss_space_is_the_mse_of_the_implied_x0(prediction):
     # Not official (off by default): whatever the model predicts, the loss is the MSE of the x̂0
@@ -277,12 +287,7 @@ def test_start_x_loss_space_is_the_mse_of_the_implied_x0(prediction):
     t = np.array([0, 30, 200, 700])
     x0, noise, out = _loss_inputs(len(t), seed=5)
     out = out[..., :4]
-    a = np.sqrt(BASE_ABAR[t])[:, None, None, None]
-    b = np.sqrt(1 - BASE_ABAR[t])[:, None, None, None]
-    x_t = a * x0 + b * noise
-    x0_hat = {"epsilon": (x_t - b * out) / a, "start_x": out,
-              "velocity": a * x_t - b * out}[prediction]
-    want = ((x0_hat - x0) ** 2).mean(axis=(1, 2, 3))
+    want = ((implied_x0(BASE_ABAR[t], x0, noise, out, prediction) - x0) ** 2).mean(axis=(1, 2, 3))
     got = D.training_losses(spaced, lambda x, s: jnp.asarray(out, jnp.float32),
                             jnp.asarray(x0, jnp.float32), jnp.asarray(t),
                             jnp.asarray(noise, jnp.float32))
@@ -307,11 +312,7 @@ def test_snr_plus_one_cap_weighs_the_implied_x0_error(prediction):
     t = np.array([0, 30, 150, 200, 400, 999])  # capped at 0 and 30, not from 200 on
     x0, noise, out = _loss_inputs(len(t), seed=6)
     out = out[..., :4]
-    a = np.sqrt(abar[t])[:, None, None, None]
-    b = np.sqrt(1 - abar[t])[:, None, None, None]
-    x_t = a * x0 + b * noise
-    x0_hat = {"epsilon": (x_t - b * out) / a, "start_x": out,
-              "velocity": a * x_t - b * out}[prediction]
+    x0_hat = implied_x0(abar[t], x0, noise, out, prediction)
     weight = np.minimum(abar[t] / (1 - abar[t]) + 1, cap)
     assert weight[0] == weight[1] == cap and 1 < weight[3] < cap and weight[-1] < 1 + 1e-6
     want = weight * ((x0_hat - x0) ** 2).mean(axis=(1, 2, 3))
