@@ -440,9 +440,9 @@ def test_retention_keeps_the_latest_and_every_kth(tmp_path):
 
 def test_model_config_follows_the_training_config():
     config = demo.get_config()
-    config.model.remat, config.model.dtype = "full", "bfloat16"
+    config.model.remat, config.model.dtype, config.model.hidden_size = "full", "bfloat16", 80
     cfg = model_config_from(config, num_classes=4, in_channels=3, input_size=32)
-    assert (cfg.remat, cfg.dtype, cfg.hidden_size, cfg.num_classes) == (True, jnp.bfloat16, 96, 4)
+    assert (cfg.remat, cfg.dtype, cfg.hidden_size, cfg.num_classes) == (True, jnp.bfloat16, 80, 4)
     for remat, expected in (("none", False), ("dots_with_no_batch_dims_saveable",
                                               "dots_with_no_batch_dims_saveable")):
         config.model.remat = remat
