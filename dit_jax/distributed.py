@@ -62,7 +62,7 @@ def split_cpu(devices: int, global_batch_size: int) -> int:
                          f"got {devices}")
     if devices == -1:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        devices = max(n for n in range(1, max(cores or 1, 1) + 1) if global_batch_size % n == 0)
+        devices = max(n for n in range(1, (cores or 1) + 1) if global_batch_size % n == 0)
     if devices == 1:
         return 0  # one core: JAX's default device is that already
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
